@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .search import DEFAULT_LEVELS, STRIDES, SearchIndex, random_unit_cells, recall_at_k
+from .index import DEFAULT_LEVELS, STRIDES, random_unit_cells, recall_at_k
+from .search import SearchIndex
 
 # %% ../nbs/07a_bench_search.ipynb #06bd7018
 def nominal_grids(levels=DEFAULT_LEVELS, image_size:int=256)->dict:  # level -> (H, W)

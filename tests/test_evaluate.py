@@ -1,10 +1,10 @@
-"""Tests of learn_and_search.evaluate and .baselines that need subprocesses, files or real data."""
+"""Tests of learn_and_search.metrics, .evaluate and .baselines that need subprocesses, files or real data."""
 import json, math, os, subprocess, sys
 from pathlib import Path
 import pytest, torch
 
-from learn_and_search.evaluate import (chance_sga, relevance, retrieval_chance, retrieval_metrics, sga_hits, sga_rates,
-                                       gap_ratio)
+from learn_and_search.metrics import (chance_sga, relevance, retrieval_chance, retrieval_metrics, sga_hits, sga_rates,
+                                      gap_ratio)
 from learn_and_search.baselines import ncc_locate, template_matching_hits, template_sizes
 
 LAS_EVAL = Path(sys.executable).parent / 'las-eval'

@@ -1,5 +1,5 @@
-"""Tests of `learn_and_search.search`: save/load round trip, approximate recall, group-by-image max, bad inputs, and the
-`las-search` CLI end to end on the synthetic COCO (all CPU, a few seconds)."""
+"""Tests of `learn_and_search.index`, `.search` and `.search_cli`: save/load round trip, approximate recall, group-by-image
+max, bad inputs, and the `las-search` CLI end to end on the synthetic COCO (all CPU, a few seconds)."""
 import json, os, subprocess, sys
 from pathlib import Path
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from learn_and_search.search import (IndexFormatError, SearchIndex, group_max, main, random_model, random_unit_cells,
-                                     recall_at_k)
+from learn_and_search.index import group_max, random_unit_cells, recall_at_k
+from learn_and_search.search import IndexFormatError, SearchIndex
+from learn_and_search.search_cli import main, random_model
 
 GRIDS = {'P5': (4, 4), 'P6': (2, 2), 'P7': (1, 1)}   # 21 cells: the default levels of a 128-px scene
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,7 +127,7 @@ def test_bad_inputs_api(tiny_model, tmp_path):
 
 
 def las_search(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, '-m', 'learn_and_search.search', *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, '-m', 'learn_and_search.search_cli', *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
 
 
