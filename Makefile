@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PRESET ?= smoke
 DATA   ?=
 
-.PHONY: install reproduce test export clean-nbs
+.PHONY: install reproduce test export readme
 
 install: $(VENV)/.installed
 
@@ -24,3 +24,8 @@ test: install
 
 export: install
 	$(VENV)/bin/nbdev_export && $(VENV)/bin/nbdev_clean
+
+readme: install  ## README.md is generated from nbs/index.ipynb (outputs kept)
+	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace nbs/index.ipynb
+	$(VENV)/bin/nbdev_clean --fname nbs/index.ipynb
+	$(VENV)/bin/jupyter nbconvert --to markdown --stdout nbs/index.ipynb > README.md
