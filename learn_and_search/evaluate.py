@@ -321,3 +321,5 @@ def main(argv:list|None=None):   # command-line arguments; None = sys.argv[1:]
         tmp = out / f'.{name}.tmp'; tmp.write_text(text); os.replace(tmp, out / name)
     print(md)
     return 0
+
+if __name__ == '__main__' and not hasattr(sys, 'ps1') and 'ipykernel' not in sys.modules: sys.exit(main())

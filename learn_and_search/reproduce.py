@@ -295,3 +295,5 @@ def main(argv=None):
     print(f"done in {time.perf_counter() - t0:.0f} s: tables and figures in {Path(a.figures)/a.preset}/ "
           f"(README.md), executed notebooks and checkpoints in {run_dir}/")
     return 0
+
+if __name__ == '__main__' and not hasattr(sys, 'ps1') and 'ipykernel' not in sys.modules: sys.exit(main())
