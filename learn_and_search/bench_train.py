@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['device_name', 'peak_memory_mib', 'bench_setting', 'settings', 'format_table', 'main']
 
-# %% ../nbs/05b_bench_train.ipynb #f7669b85
+# %% ../nbs/05b_bench_train.ipynb #d37d1347
 import argparse, importlib.util, json, os, platform, resource, subprocess, sys, time
 from pathlib import Path
 import torch
 
 from .train import make_optimizer, step_generator, train_step, resolve_device, TrainConfig
 
-# %% ../nbs/05b_bench_train.ipynb #4acc5266
+# %% ../nbs/05b_bench_train.ipynb #73641705
 def device_name(device:torch.device)->str:
     "Human-readable name of `device` (GPU model, or CPU model and threads)"
     if device.type == 'cuda': return torch.cuda.get_device_name(device)
@@ -38,7 +38,7 @@ def _timed(fn, reps:int, device)->float:
     for _ in range(reps): fn()
     _sync(device); return (time.perf_counter() - t) / reps
 
-# %% ../nbs/05b_bench_train.ipynb #25d0dea8
+# %% ../nbs/05b_bench_train.ipynb #568b5c62
 def bench_setting(image_size:int=256, batch_size:int=16, query_size:int=64, preset:str='model1', arch:str='resnet18',
                   steps:int=3,            # timed training steps
                   warmup:int=1,           # untimed steps first
@@ -86,7 +86,7 @@ def bench_setting(image_size:int=256, batch_size:int=16, query_size:int=64, pres
                 loss_ms=1e3 * t_loss, loop_ms=1e3 * t_ref, loop_over_batched=t_ref / t_loss,
                 loss_diff=abs(float(lv) - float(lr_)), device=device_name(dev))
 
-# %% ../nbs/05b_bench_train.ipynb #bbc00bea
+# %% ../nbs/05b_bench_train.ipynb #489df3be
 def settings(cuda:bool)->dict:
     "The benchmarked settings: name -> keyword arguments of `bench_setting`"
     return {'default': dict(image_size=256, batch_size=TrainConfig().batch_size),
@@ -105,7 +105,7 @@ def format_table(rows:dict, device:str)->str:
         lines.append('| ' + ' | '.join(f.format(v) for (_, f), v in zip(cols, vals)) + ' |')
     return '\n'.join(lines)
 
-# %% ../nbs/05b_bench_train.ipynb #25f76800
+# %% ../nbs/05b_bench_train.ipynb #75624ff3
 def main(argv:list|None=None, # command-line arguments (default: sys.argv[1:])
         ):
     "Benchmark training: `python -m learn_and_search.bench_train [--settings default paper] [--device auto]`"

@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['RESUME_MAY_CHANGE', 'TrainConfig', 'build_parser', 'load_config_file', 'parse_config', 'warmup_cosine', 'auto_warmup',
-           'make_optimizer', 'atomic_write', 'save_checkpoint', 'load_checkpoint', 'truncate_metrics', 'step_generator',
-           'rng_state', 'set_rng_state', 'resolve_device', 'make_loader', 'train_step', 'train', 'main']
+           'make_optimizer', 'step_generator', 'rng_state', 'set_rng_state', 'resolve_device', 'make_loader',
+           'train_step', 'train', 'main']
 
-# %% ../nbs/05_train.ipynb #ace41435
-import argparse, io, json, math, os, sys, tempfile, time
+# %% ../nbs/05_train.ipynb #3614d3d2
+import argparse, json, math, os, sys, time
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 
@@ -17,10 +17,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from .distributed import EpochSampler, EpochPairs, init_distributed, mean_across_ranks
+from .distributed import (EpochSampler, EpochPairs, init_distributed, mean_across_ranks, atomic_write,
+                                          save_checkpoint, load_checkpoint, truncate_metrics)
 from .models import ARCHS, LEVELS as ALL_LEVELS
 
-# %% ../nbs/05_train.ipynb #2bbb6afb
+# %% ../nbs/05_train.ipynb #cd7f16ba
 @dataclass
 class TrainConfig:
     "Every setting of a training run (flags of `las-train` mirror the field names)"
@@ -68,7 +69,7 @@ class TrainConfig:
         if isinstance(d.get('levels'), str): d['levels'] = tuple(d['levels'].replace(',', ' ').split())
         return cls(**d)
 
-# %% ../nbs/05_train.ipynb #4c73bf61
+# %% ../nbs/05_train.ipynb #4716e87d
 def _check(ok:bool, name:str, value, why:str):
     if not ok: raise ValueError(f"TrainConfig.{name}={value!r}: {why}")
 
@@ -106,7 +107,7 @@ def _validate(c:TrainConfig)->TrainConfig:
 
 TrainConfig.validate = _validate
 
-# %% ../nbs/05_train.ipynb #d2037bf9
+# %% ../nbs/05_train.ipynb #9f4825b8
 def _opt_int(s:str): return None if str(s).lower() in ('none', 'null', '') else int(s)
 def _opt_str(s:str): return None if str(s).lower() in ('none', 'null', '') else s
 
@@ -114,13 +115,22 @@ _FLAG_TYPES = dict(dim=int, epochs=int, steps=_opt_int, batch_size=int, image_si
                    weight_decay=float, warmup_steps=_opt_int, temperature=float, anchor_negatives=_opt_int, seed=int,
                    checkpoint_every=int, log_every=int, workers=int, limit_images=_opt_int, weights=_opt_str)
 
+def _field_help()->dict:
+    "The inline comment of each `TrainConfig` field, read from its source (the one place they are written)"
+    import inspect, re
+    try: src = inspect.getsource(TrainConfig)
+    except (OSError, TypeError): return {}
+    return {m[1]: m[2].strip() for m in re.finditer(r'^\s+(\w+):[^#\n]*#\s*(.*)$', src, re.M)}
+
 def build_parser()->argparse.ArgumentParser:
     "The `las-train` argument parser, one flag per `TrainConfig` field plus `--config`"
-    p = argparse.ArgumentParser(prog='las-train', description='Train the Learn and Search two-branch model with ANT-Xent.',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = _field_help()
+    p = argparse.ArgumentParser(prog='las-train', description='Train the Learn and Search two-branch model with ANT-Xent.')
     p.add_argument('--config', metavar='FILE', help='YAML or JSON file of TrainConfig fields; explicit flags override it')
     for f in fields(TrainConfig):
-        flag, kw = '--' + f.name.replace('_', '-'), dict(default=argparse.SUPPRESS, help=f'(default: {f.default!r})')
+        flag = '--' + f.name.replace('_', '-')
+        text = f"{helps.get(f.name, '')} (default: {f.default!r})".strip().replace('%', '%%')   # argparse %-formats help
+        kw = dict(default=argparse.SUPPRESS, help=text)
         if isinstance(f.default, bool): p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == 'crop_frac': p.add_argument(flag, nargs=2, type=float, metavar=('LO', 'HI'), **kw)
         elif f.name == 'levels': p.add_argument(flag, nargs='+', choices=ALL_LEVELS, metavar='LEVEL', **kw)
@@ -145,7 +155,7 @@ def parse_config(argv:list|None=None)->TrainConfig:
     ns.pop('config', None)
     return TrainConfig.from_dict({**{k.replace('-', '_'): v for k, v in base.items()}, **ns}).validate()
 
-# %% ../nbs/05_train.ipynb #b11a2d5b
+# %% ../nbs/05_train.ipynb #5040259b
 def warmup_cosine(step:int,   # optimiser steps taken so far (0 for the first step)
                   warmup:int, # linear warm-up length
                   total:int,  # total steps of the run
@@ -170,51 +180,7 @@ def make_optimizer(model:nn.Module, config:TrainConfig, total_steps:int)->tuple:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total_steps))
     return opt, sched
 
-# %% ../nbs/05_train.ipynb #49b09f91
-def atomic_write(path, data:bytes):
-    "Write `data` to `path` so that a crash leaves either the old or the new file, never a torn one"
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-    if hasattr(os, 'O_DIRECTORY'):
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try: os.fsync(dfd)
-        finally: os.close(dfd)
-
-def save_checkpoint(state:dict, *paths):
-    "Write `state` atomically to the first of `paths`, then atomically hard-link (or copy) it to the others"
-    buf = io.BytesIO(); torch.save(state, buf)
-    first = Path(paths[0]); atomic_write(first, buf.getvalue())
-    for p in map(Path, paths[1:]):
-        tmp = p.parent/f'.{p.name}.{os.getpid()}.link.tmp'
-        try: os.link(first, tmp); os.replace(tmp, p)
-        except OSError: tmp.unlink(missing_ok=True); atomic_write(p, buf.getvalue())
-
-def load_checkpoint(path, map_location='cpu')->dict:
-    "Load a checkpoint written by `save_checkpoint` (weights_only: tensors and plain containers only)"
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-def truncate_metrics(path, step:int)->int:
-    "Keep only the complete lines of `path` with `step` <= `step`; return how many were kept"
-    path = Path(path)
-    if not path.exists(): return 0
-    kept = []
-    for line in path.read_text().splitlines():
-        try: rec = json.loads(line)
-        except json.JSONDecodeError: continue
-        if isinstance(rec, dict) and rec.get('step', math.inf) <= step: kept.append(line)
-    atomic_write(path, ''.join(l + '\n' for l in kept).encode())
-    return len(kept)
-
-# %% ../nbs/05_train.ipynb #7e194377
+# %% ../nbs/05_train.ipynb #9d99e536
 def step_generator(seed:int, step:int, rank:int=0, device='cpu')->torch.Generator:
     "A generator on `device` seeded by `(seed, step, rank)` alone"
     g = torch.Generator(device=device)
@@ -230,7 +196,7 @@ def set_rng_state(state:dict):
     torch.set_rng_state(state['cpu'])
     if state.get('cuda') and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
 
-# %% ../nbs/05_train.ipynb #28702ccc
+# %% ../nbs/05_train.ipynb #eee30f08
 def resolve_device(name:str='auto')->torch.device:
     "'auto' -> cuda when available, else cpu"
     if name == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -251,7 +217,7 @@ def make_loader(config:TrainConfig, rank:int=0, world:int=1, device=torch.device
                         persistent_workers=config.workers > 0, pin_memory=device.type == 'cuda')
     return loader, sampler, steps_per_epoch
 
-# %% ../nbs/05_train.ipynb #6889753c
+# %% ../nbs/05_train.ipynb #af9c93e0
 def train_step(model:nn.Module,       # LearnAndSearch (possibly DDP / compiled)
                augment:nn.Module,     # QueryAugment
                loss_fn:nn.Module,     # AntXentLoss
@@ -277,7 +243,7 @@ def train_step(model:nn.Module,       # LearnAndSearch (possibly DDP / compiled)
     optimizer.step(); scheduler.step()
     return out
 
-# %% ../nbs/05_train.ipynb #0425e4d1
+# %% ../nbs/05_train.ipynb #a090aff9
 RESUME_MAY_CHANGE = ('epochs', 'steps', 'out', 'device', 'resume', 'checkpoint_every', 'log_every', 'workers', 'compile')
 
 def _check_resumable(config:TrainConfig, saved:dict, path):
@@ -300,7 +266,7 @@ def _build(config:TrainConfig, device, total_steps:int, fresh:bool=True)->tuple:
     loss_fn = AntXentLoss(temperature=config.temperature, anchor_negatives=config.anchor_negatives)
     return (model, augment, loss_fn, *make_optimizer(model, config, total_steps))
 
-# %% ../nbs/05_train.ipynb #dde2b095
+# %% ../nbs/05_train.ipynb #9fb11d11
 def _checkpoint_state(model, opt, sched, step, epoch, config)->dict:
     return dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step, epoch=epoch,
                 config={**getattr(model, 'config', {}), **config.to_dict()}, rng=rng_state(), torch_version=str(torch.__version__))
@@ -320,7 +286,7 @@ def _prepare_out(config:TrainConfig, rank:int)->tuple:
         for tmp in [*ck_dir.glob('.*.tmp'), *out.glob('.*.tmp')]: tmp.unlink(missing_ok=True)
     return out, ck_dir, last
 
-# %% ../nbs/05_train.ipynb #f93605f4
+# %% ../nbs/05_train.ipynb #5449a527
 def train(config:TrainConfig, # validated here
           callback=None,      # optional `callback(step, metrics)` on rank 0 after each logged step
          )->dict:             # step, epoch, metrics (last logged), out, checkpoint
@@ -351,7 +317,7 @@ def train(config:TrainConfig, # validated here
     finally:
         if ddp['started']: dist.destroy_process_group()
 
-# %% ../nbs/05_train.ipynb #3b1895c5
+# %% ../nbs/05_train.ipynb #fb020f5c
 def _loop(config, model, augment, loss_fn, opt, sched, loader, sampler, spe, total, step, device, rank, world, out, ck_dir,
           last, callback)->dict:
     "The epoch/step loop of `train` (see there)"
@@ -397,7 +363,7 @@ def _loop(config, model, augment, loss_fn, opt, sched, loader, sampler, spe, tot
     if world > 1: dist.barrier()
     return dict(step=step, epoch=(step - 1) // spe, metrics=metrics, out=str(out), checkpoint=str(last))
 
-# %% ../nbs/05_train.ipynb #7b04c791
+# %% ../nbs/05_train.ipynb #3f52117a
 def main(argv:list|None=None, # command-line arguments (default: sys.argv[1:])
         ):
     "Console script `las-train`"
