@@ -22,7 +22,8 @@ from .metrics import (
 from .models import LEVELS, create_model, load_model
 
 # %% auto #0
-__all__ = ['QUERY_PROTOCOLS', 'eval_query_params', 'eval_queries', 'gallery_scores', 'evaluate', 'metrics_markdown', 'main']
+__all__ = ['QUERY_PROTOCOLS', 'eval_query_params', 'eval_queries', 'gallery_scores', 'evaluate', 'metrics_markdown',
+           'random_init_twin', 'main']
 
 # %% ../nbs/06b_evaluate.ipynb #cd9a9c0a
 QUERY_PROTOCOLS = ('standard', 'hard', 'both')
@@ -281,7 +282,7 @@ def _parser()->argparse.ArgumentParser:
     p.add_argument('--no-baselines', action='store_true', help='skip template matching, histograms, ImageNet features')
     return p
 
-def _random_model(config:dict, seed:int):
+def random_init_twin(config:dict, seed:int):
     "The model `config` describes, at a random initialization fixed by `seed`"
     name = config.get('preset', 'model1')
     preset = name if name in PRESETS else Preset(name, projection_head=bool(config.get('projection_head')))
@@ -303,10 +304,10 @@ def main(argv:list|None=None):   # command-line arguments; None = sys.argv[1:]
             if not Path(a.checkpoint).is_file(): raise FileNotFoundError(f"checkpoint not found: {a.checkpoint}")
             model = load_model(a.checkpoint, map_location='cpu')
             config = dict(model.config)
-            random_init = _random_model(config, a.seed)
+            random_init = random_init_twin(config, a.seed)
         else:
             config = dict(preset=a.preset, arch=a.arch, dim=a.dim)
-            model = random_init = _random_model(config, a.seed)
+            model = random_init = random_init_twin(config, a.seed)
         images = open_images(a.data, a.split)
         metrics = evaluate(model, images, image_size=a.image_size or config.get('image_size', 256),
                            query_size=a.query_size or config.get('query_size', 64), queries=a.queries, seed=a.seed,
