@@ -45,15 +45,15 @@ def cell_centers(grid_hw:tuple,    # (H, W) grid size of a level
     return torch.stack(torch.meshgrid(xs, ys, indexing='xy'), -1).reshape(-1, 2)  # (H, W, 2) -> (H*W, 2)
 
 # %% ../nbs/02a_grid.ipynb #a4b8dd97
-def positive_cells(boxes:Tensor,      # (B, 4) xywh in scene pixels
-                   grid_hw:tuple,     # (H, W)
+def positive_cells(boxes:Tensor,      # (..., 4) xywh in scene pixels
+                   grid_hw:tuple,     # (H, W): ints, or tensors broadcastable against `boxes[..., 0]` (all levels at once)
                    image_size:float,  # S
-                  )->Tensor:          # (B,) long flat index of the cell holding each box centre
+                  )->Tensor:          # (...) long flat index of the cell holding each box centre
     "Flat index of the cell that contains each box's centre (clamped to the grid)"
-    H, W = grid_hw
-    cx, cy = boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2
-    j = torch.floor(cx * W / image_size).long().clamp(0, W - 1)
-    i = torch.floor(cy * H / image_size).long().clamp(0, H - 1)
+    H, W = (torch.as_tensor(v, device=boxes.device) for v in grid_hw)
+    cx, cy = boxes[..., 0] + boxes[..., 2] / 2, boxes[..., 1] + boxes[..., 3] / 2
+    j = torch.minimum(torch.floor(cx * W / image_size).long().clamp_min(0), W - 1)
+    i = torch.minimum(torch.floor(cy * H / image_size).long().clamp_min(0), H - 1)
     return i * W + j
 
 def cells_hit(cells:Tensor,        # (..., 4) cell corners x0, y0, x1, y1

@@ -168,4 +168,6 @@ def run_cli(prog:str,         # command name for messages, e.g. 'las-train'
 
 def script_entry(module_name:str, main):
     "Exit with `main()`'s status when the module runs as `python -m ...` (never inside a notebook kernel)"
-    if module_name == '__main__' and 'ipykernel' not in sys.modules: sys.exit(main())
+    import builtins
+    in_notebook = getattr(builtins, '__IPYTHON__', False) or any(m in sys.modules for m in ('ipykernel', 'execnb'))
+    if module_name == '__main__' and not in_notebook: sys.exit(main())
