@@ -4,7 +4,8 @@
 
 # %% ../nbs/01_data.ipynb #412bee12
 from __future__ import annotations
-import contextlib, hashlib, io, json, logging, os
+import contextlib, hashlib, io, json, logging, math, os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np, torch
 import torchvision.transforms.v2.functional as TF
@@ -12,15 +13,17 @@ from PIL import ExifTags, Image, ImageOps
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 from .synthetic import synthetic_coco
 
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'ImageReadError', 'open_image', 'exif_orientation', 'to_rgb', 'load_image', 'resize_square',
-           'scale_boxes', 'clip_boxes', 'exif_boxes', 'load_coco', 'safe_join', 'coco_boxes', 'CocoImages',
-           'FolderImages', 'open_images', 'sample_query_box', 'mix_seed', 'check_image_size', 'LearnPairs',
-           'random_crop_queries', 'object_queries']
+__all__ = ['MIN_IMAGE_SIDE', 'SKIP_HINT', 'IMAGE_EXTS', 'ImageReadError', 'open_image', 'exif_orientation', 'to_rgb',
+           'load_image', 'resize_square', 'scale_boxes', 'clip_boxes', 'exif_boxes', 'load_coco', 'safe_join',
+           'check_image_side', 'coco_boxes', 'CocoImages', 'FolderImages', 'map_threads', 'check_readable',
+           'open_images', 'check_crop_frac', 'sample_query_box', 'mix_seed', 'check_image_size', 'LearnPairs',
+           'random_crop_queries', 'original_area_scale', 'object_queries']
 
 # %% ../nbs/01_data.ipynb #31f24368
 class ImageReadError(ValueError):
@@ -96,25 +99,44 @@ def exif_boxes(boxes:Tensor, # (N, 4) xywh on the stored pixels
                         5: (y, x, h, w), 6: (Y, x, h, w), 7: (Y, X, h, w), 8: (y, X, h, w)}[orientation], -1)
 
 # %% ../nbs/01_data.ipynb #121dfdd3
+def _is_int(v): return isinstance(v, int) and not isinstance(v, bool)
+def _is_num(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
 def _need(rec, keys, what, path):
     missing = [k for k in keys if k not in rec] if isinstance(rec, dict) else list(keys)
     if missing: raise ValueError(f'{path}: {what} {str(rec)[:80]} lacks {missing}')
 
+def _check(ok, path, what, rec, field, want):
+    if not ok: raise ValueError(f'{path}: {what} {str(rec)[:80]}: "{field}" must be {want}, got {rec[field]!r}')
+
+def _check_image_record(im, path):
+    _need(im, ('id', 'file_name', 'width', 'height'), 'image', path)
+    _check(_is_int(im['id']), path, 'image', im, 'id', 'an integer')
+    _check(isinstance(im['file_name'], str) and im['file_name'], path, 'image', im, 'file_name', 'a non-empty string')
+    for k in ('width', 'height', 'original_width', 'original_height'):
+        if k in im: _check(_is_num(im[k]) and im[k] > 0, path, 'image', im, k, 'a positive number')
+
 def load_coco(path)->COCO:
-    "Read and check a COCO instances JSON; a `ValueError` names `path` and what is wrong"
-    try: d = json.loads(Path(path).read_text())
-    except (ValueError, UnicodeDecodeError) as e: raise ValueError(f'{path}: malformed JSON ({e})') from e
+    "Read and check a COCO instances JSON; any problem is one `ValueError` naming `path` and what is wrong"
+    try: d = json.loads(Path(path).read_bytes())
+    except FileNotFoundError: raise
+    except OSError as e: raise ValueError(f'{path}: cannot read ({e.strerror or e})') from e
+    except (ValueError, UnicodeDecodeError, RecursionError) as e: raise ValueError(f'{path}: malformed JSON ({e})') from e
     if not (isinstance(d, dict) and all(isinstance(d.get(k), list) for k in ('images', 'annotations', 'categories'))):
         raise ValueError(f'{path}: not a COCO instances file (needs lists "images", "annotations", "categories")')
-    for im in d['images']: _need(im, ('id', 'file_name', 'width', 'height'), 'image', path)
-    for c in d['categories']: _need(c, ('id', 'name'), 'category', path)
+    for im in d['images']: _check_image_record(im, path)
+    for c in d['categories']:
+        _need(c, ('id', 'name'), 'category', path); _check(_is_int(c['id']), path, 'category', c, 'id', 'an integer')
     images, cats = {im['id'] for im in d['images']}, {c['id'] for c in d['categories']}
     if len(images) < len(d['images']): raise ValueError(f'{path}: duplicate image ids')
+    if len(cats) < len(d['categories']): raise ValueError(f'{path}: duplicate category ids')
     for a in d['annotations']:
         _need(a, ('id', 'image_id', 'category_id', 'bbox'), 'annotation', path)
-        if a['image_id'] not in images: raise ValueError(f'{path}: annotation {a["id"]} refers to image id {a["image_id"]}, which is not in "images"')
-        if a['category_id'] not in cats: raise ValueError(f'{path}: annotation {a["id"]} has category id {a["category_id"]}, which is not in "categories"')
-        if not (isinstance(a['bbox'], list) and len(a['bbox']) == 4 and all(isinstance(v, (int, float)) for v in a['bbox'])): raise ValueError(f'{path}: annotation {a["id"]} bbox {a["bbox"]} is not [x, y, w, h]')
+        if not _is_int(a['id']): raise ValueError(f'{path}: annotation id {a["id"]!r} is not an integer')
+        if not _is_int(a['image_id']) or a['image_id'] not in images: raise ValueError(f'{path}: annotation {a["id"]} refers to image id {a["image_id"]}, which is not in "images"')
+        if not _is_int(a['category_id']) or a['category_id'] not in cats: raise ValueError(f'{path}: annotation {a["id"]} has category id {a["category_id"]}, which is not in "categories"')
+        if not (isinstance(a['bbox'], list) and len(a['bbox']) == 4 and all(_is_num(v) for v in a['bbox'])): raise ValueError(f'{path}: annotation {a["id"]} bbox {a["bbox"]} is not [x, y, w, h]')
+        if a.get('iscrowd', 0) not in (0, 1): raise ValueError(f'{path}: annotation {a["id"]} iscrowd {a["iscrowd"]!r} is not 0 or 1')
     coco = COCO(); coco.dataset = d
     with contextlib.redirect_stdout(io.StringIO()): coco.createIndex()   # silence pycocotools' prints
     return coco
@@ -127,9 +149,19 @@ def safe_join(folder:Path, name:str)->Path:
     return p
 
 # %% ../nbs/01_data.ipynb #bd55f89d
+MIN_IMAGE_SIDE = 20   # px: the smallest default query (10% of a side) then covers at least 2 source pixels
+SKIP_HINT = 'to leave unreadable images out, pass --skip-unreadable (skip_unreadable=True)'
+
+def check_image_side(path, width:int, height:int, # the file, and its size in px
+                     min_side:int=MIN_IMAGE_SIDE):  # smallest accepted shorter side, px
+    "Raise `ImageReadError` naming `path` when its shorter side is under `min_side` px"
+    if min(width, height) < min_side:
+        raise ImageReadError(f'{path}: image is {width}x{height} px, too small to use (the shorter side must be at least {min_side} px)')
+
 class _Images(Dataset):
     "Shared `__getitem__` with the `skip_unreadable` policy; subclasses set `root`, `ids`, `paths` and define `item(i)`"
-    def _init_skip(self, skip_unreadable): self.skip_unreadable, self.skipped, self._bad = skip_unreadable, [], set()
+    def _init_skip(self, skip_unreadable, min_side=1):
+        self.skip_unreadable, self.min_side, self.skipped, self._bad = skip_unreadable, min_side, [], set()
     def __len__(self): return len(self.paths)
     def _skip(self, path, reason):
         reason = reason.removeprefix(f'{path}: ')
@@ -143,17 +175,35 @@ class _Images(Dataset):
             if j in self._bad: continue
             try: return self.item(j)
             except ImageReadError as e:
-                if not self.skip_unreadable: raise
+                if not self.skip_unreadable: raise ImageReadError(f'{e}; {SKIP_HINT}') from e
                 self._bad.add(j); self._skip(self.paths[j], str(e))
         raise ImageReadError(f'{self.root}: none of its {n} images is readable ({len(self.skipped)} skipped)')
+
+    def _check_header(self, i:int, im:Image.Image): check_image_side(self.paths[i], *im.size, self.min_side)
+
+    def check(self, i:int, full:bool=True):
+        "Raise `ImageReadError` unless image `i` is usable: header (format, size, `min_side`) and, if `full`, a decode"
+        path = self.paths[i]
+        if not path.is_file(): raise ImageReadError(f'{path}: no such image file')
+        try:
+            with Image.open(path) as im:
+                self._check_header(i, im)
+                if not full: return
+                if im.format == 'JPEG': im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))  # reads every byte, decodes 1/8
+                im.load(); _upright_rgb(im, path)
+        except ImageReadError: raise
+        except Exception as e: raise ImageReadError(f'{path}: cannot decode image ({type(e).__name__}: {e})') from e
+
+    def _drop_bad(self):
+        self.ids = [x for j, x in enumerate(self.ids) if j not in self._bad]
+        self.paths = [x for j, x in enumerate(self.paths) if j not in self._bad]
+        self._bad = set()
 
     def verify(self)->int:
         "Decode every image now, dropping unreadable ones (or raising, without `skip_unreadable`); the number skipped"
         for j in range(len(self)):
             if j not in self._bad: self[j]
-        self.ids = [x for j, x in enumerate(self.ids) if j not in self._bad]
-        self.paths = [x for j, x in enumerate(self.paths) if j not in self._bad]
-        self._bad = set()
+        self._drop_bad()
         return len(self.skipped)
 
 # %% ../nbs/01_data.ipynb #eed76443
@@ -176,14 +226,15 @@ def _item(image, image_id, path, index, boxes=None, category_ids=None, iscrowd=N
 # %% ../nbs/01_data.ipynb #c30be3f6
 class CocoImages(_Images):
     "Images, boxes and categories of a COCO-format folder: `root/{split}/` + `root/annotations/instances_{split}.json`"
-    def __init__(self, root, split:str='val2017', skip_unreadable:bool=False):
+    def __init__(self, root, split:str='val2017', skip_unreadable:bool=False,
+                 min_side:int=1): # images with a shorter side under this (px) count as unreadable
         self.root, self.split = Path(root), split
         self.image_dir, self.ann_file = self.root/split, self.root/'annotations'/f'instances_{split}.json'
         for p in (self.root, self.image_dir, self.ann_file):
             if not p.exists(): raise FileNotFoundError(f'{p}: not found (COCO layout: {self.image_dir}/ and {self.ann_file})')
         self.coco = load_coco(self.ann_file)
         self.categories = {c['id']: c['name'] for c in self.coco.dataset['categories']}
-        self._init_skip(skip_unreadable)
+        self._init_skip(skip_unreadable, min_side)
         self.ids, self.paths = [], []
         for iid in sorted(self.coco.imgs):
             path = safe_join(self.image_dir, self.coco.imgs[iid]['file_name'])
@@ -206,7 +257,10 @@ class CocoImages(_Images):
         if (info['width'], info['height']) == (w, h): boxes = exif_boxes(boxes, o, w, h)   # annotated on stored pixels
         elif not (o >= 5 and (info['width'], info['height']) == (h, w)):                  # else annotated upright
             raise ImageReadError(f'{self.paths[i]}: image is {w}x{h} but {self.ann_file} says {info["width"]}x{info["height"]}')
+        check_image_side(self.paths[i], w, h, self.min_side)
         return dict(boxes=boxes, category_ids=cats, iscrowd=crowd, size=(w, h) if o >= 5 else (h, w))
+
+    def _check_header(self, i:int, im:Image.Image): self._target(i, im)
 
     def target(self, i:int)->dict:
         "Annotations of image `i` (boxes xywh in upright original pixels, category_ids, iscrowd, size (H, W)) from its header only"
@@ -229,7 +283,8 @@ IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 class FolderImages(_Images):
     "Unlabelled images found recursively under `root`; items like `CocoImages` with no boxes"
     categories = {}
-    def __init__(self, root, skip_unreadable:bool=False):
+    def __init__(self, root, skip_unreadable:bool=False,
+                 min_side:int=1): # images with a shorter side under this (px) count as unreadable
         self.root = Path(root)
         if not self.root.is_dir(): raise FileNotFoundError(f'{root}: no such folder')
         files = sorted(p for p in self.root.rglob('*') if p.is_file())
@@ -237,36 +292,73 @@ class FolderImages(_Images):
         if not self.paths: raise ValueError(f'{root}: no images ({", ".join(IMAGE_EXTS)}) found')
         if len(files) > len(self.paths): _log.info('%s: ignoring %d files that are not %s', root, len(files) - len(self.paths), IMAGE_EXTS)
         self.ids = list(range(len(self.paths)))
-        self._init_skip(skip_unreadable)
+        self._init_skip(skip_unreadable, min_side)
 
     def item(self, i:int)->dict:
         "Item `i` without the skip policy"
-        return _item(load_image(self.paths[i]), self.ids[i], self.paths[i], i)
+        im = open_image(self.paths[i])
+        check_image_side(self.paths[i], *im.size, self.min_side)
+        return _item(_upright_rgb(im, self.paths[i]), self.ids[i], self.paths[i], i)
 
     def __repr__(self): return f'FolderImages({str(self.root)!r}): {len(self)} images'
+
+# %% ../nbs/01_data.ipynb #a67f8165
+def map_threads(f, xs, workers:int|None=None): # workers: threads (None: min(8, CPU count)); 1: no threads
+    "`map(f, xs)` in order over a thread pool (Pillow and torch release the GIL while decoding and resizing)"
+    xs, workers = list(xs), workers or min(8, os.cpu_count() or 1)
+    if workers <= 1: yield from map(f, xs); return
+    with ThreadPoolExecutor(workers) as ex:
+        for s in range(0, len(xs), 32 * workers): yield from ex.map(f, xs[s:s + 32 * workers])   # bounded look-ahead
+
+def check_readable(images,                          # `CocoImages` or `FolderImages`
+                   skip_unreadable:bool|None=None,  # None: the dataset's own `skip_unreadable`
+                   full:bool=True,                  # decode every image (JPEGs at 1/8 scale); False: headers only
+                   progress:bool=False, workers:int|None=None,
+                  )->list:                          # (path, reason) of each image this call removed
+    "Check every image of `images` now; an unusable one raises `ImageReadError` or, with `skip_unreadable`, is removed"
+    skip = images.skip_unreadable if skip_unreadable is None else skip_unreadable
+    def problem(j):
+        if j in images._bad: return None   # recorded already
+        try: images.check(j, full)
+        except ImageReadError as e: return str(e)
+    n, before = len(images), len(images.skipped)
+    found = tqdm(map_threads(problem, range(n), workers), total=n, desc='checking images', unit='img', disable=not progress)
+    for j, err in enumerate(found):
+        if err is None: continue
+        if not skip: raise ImageReadError(f'{err}; {SKIP_HINT}')
+        images._bad.add(j); images._skip(images.paths[j], err)
+    images._drop_bad()
+    removed = images.skipped[before:]
+    if removed: _log.warning('%s: left out %d unreadable images of %d', images.root, len(removed), n)
+    return removed
 
 # %% ../nbs/01_data.ipynb #58511758
 def open_images(source:str,             # 'synthetic', a COCO folder or a folder of images
                 split:str='train2017',  # COCO split (ignored for plain folders)
-                skip_unreadable:bool=False):
+                skip_unreadable:bool=False,
+                min_side:int=MIN_IMAGE_SIDE): # images with a shorter side under this (px) count as unreadable
     "`CocoImages` or `FolderImages` for `source`"
-    if str(source) == 'synthetic': return CocoImages(synthetic_coco(), split, skip_unreadable)
+    if str(source) == 'synthetic': return CocoImages(synthetic_coco(), split, skip_unreadable, min_side)
     root = Path(source).expanduser()
     if not root.exists(): raise FileNotFoundError(f"{source}: no such folder (give 'synthetic', a COCO folder or a folder of images)")
-    if (root/'annotations').is_dir(): return CocoImages(root, split, skip_unreadable)
-    return FolderImages(root, skip_unreadable)
+    if (root/'annotations').is_dir(): return CocoImages(root, split, skip_unreadable, min_side)
+    return FolderImages(root, skip_unreadable, min_side)
 
 # %% ../nbs/01_data.ipynb #de25943c
-def _check_frac(crop_frac):
-    lo, hi = crop_frac
-    if not 0 < lo <= hi <= 1: raise ValueError(f'crop_frac={crop_frac}: need 0 < low <= high <= 1')
+def check_crop_frac(crop_frac):
+    "Raise `ValueError` unless `crop_frac` is (low, high) with 0 < low <= high <= 1"
+    try: lo, hi = crop_frac
+    except (TypeError, ValueError): raise ValueError(f'crop_frac={crop_frac!r}: must be a pair (low, high)') from None
+    if not (_is_num(lo) and _is_num(hi) and 0 < lo <= hi <= 1): raise ValueError(f'crop_frac={crop_frac}: need 0 < low <= high <= 1')
+
+_check_frac = check_crop_frac   # old private name, kept until train.py has moved to check_crop_frac
 
 def sample_query_box(height:int, width:int,  # image size, px
                      generator:torch.Generator,
                      crop_frac=(0.10, 0.25),  # (low, high) box side as a fraction of max(height, width)
                     )->Tensor:                # float32 (4,) xywh
     "Random query box: w and h each uniform in `crop_frac` of the longer side (clipped to the image), placed uniformly"
-    _check_frac(crop_frac)
+    check_crop_frac(crop_frac)
     u = torch.rand(4, generator=generator)
     side = (crop_frac[0] + (crop_frac[1] - crop_frac[0]) * u[:2]) * max(height, width)
     w, h = side[0].clamp(max=width), side[1].clamp(max=height)
@@ -285,7 +377,7 @@ def check_image_size(image_size:int):
 class LearnPairs(Dataset):
     "Training pairs: (scene uint8 (3, S, S), query box float32 (4,) xywh in scene pixels), seeded by (seed, epoch, index)"
     def __init__(self, images, image_size:int=256, crop_frac=(0.10, 0.25), seed:int=0):
-        check_image_size(image_size); _check_frac(crop_frac)
+        check_image_size(image_size); check_crop_frac(crop_frac)
         self.images, self.image_size, self.crop_frac, self.seed, self.epoch = images, image_size, tuple(crop_frac), seed, 0
     def set_epoch(self, epoch:int): self.epoch = int(epoch)
     def __len__(self): return len(self.images)
@@ -302,15 +394,21 @@ def random_crop_queries(images, image_size:int=256, n_per_image:int=1, crop_frac
     return [dict(index=i, box=sample_query_box(image_size, image_size, g, crop_frac))
             for i in range(len(images)) for _ in range(n_per_image)]
 
+def original_area_scale(info:dict)->float:
+    "Factor from an image record's pixel areas to its original COCO pixels (`original_width`/`original_height`, else 1)"
+    if 'original_width' not in info or 'original_height' not in info: return 1.0
+    return info['original_width'] * info['original_height'] / (info['width'] * info['height'])
+
 def object_queries(coco:CocoImages, image_size:int=256, min_area:float=32 * 32, skip_crowd:bool=True)->list:
-    "One query per annotated object with box area >= `min_area` original px: dicts (index, image_id, box (4,) scene px, category_id)"
+    "One query per annotated object with box area >= `min_area` original COCO px: dicts (index, image_id, box (4,) scene px, category_id)"
     out = []
     for i in range(len(coco)):
         try: t = coco.target(i)
         except ImageReadError as e:
-            if not coco.skip_unreadable: raise
+            if not coco.skip_unreadable: raise ImageReadError(f'{e}; {SKIP_HINT}') from e
             coco._bad.add(i); coco._skip(coco.paths[i], str(e)); continue
-        keep = t['boxes'][:, 2] * t['boxes'][:, 3] >= min_area
+        b = t['boxes'].double()
+        keep = b[:, 2] * b[:, 3] * original_area_scale(coco.coco.imgs[coco.ids[i]]) >= min_area
         if skip_crowd: keep &= ~t['iscrowd']
         for box, cat in zip(scale_boxes(t['boxes'][keep], t['size'], image_size), t['category_ids'][keep].tolist()):
             out.append(dict(index=i, image_id=coco.ids[i], box=box, category_id=cat))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib, os, urllib.error, urllib.request, zipfile
 from pathlib import Path
 from tqdm.auto import tqdm
+from .utils import fsync_dir
 
 # %% auto #0
 __all__ = ['COCO_BASE_URL', 'COCO_ARCHIVES', 'COCO_MD5', 'md5sum', 'download_file', 'extract_zip', 'download_coco']
@@ -67,7 +68,8 @@ def download_file(url:str, dest, md5:str|None=None, retries:int=3, timeout:float
             if attempt == retries: raise
     if md5 and (got := md5sum(part)) != md5:
         part.unlink(); raise ValueError(f'{url}: MD5 {got} of the download does not match the expected {md5}; deleted {part}')
-    os.replace(part, dest)
+    with open(part, 'rb+') as f: os.fsync(f.fileno())   # durable before it gets its final name
+    os.replace(part, dest); fsync_dir(dest.parent)
     return dest
 
 # %% ../nbs/01b_download.ipynb #cdbd01dc

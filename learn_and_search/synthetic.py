@@ -8,10 +8,11 @@ import json, math, os, shutil, tempfile
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from .utils import dir_mode, fsync_dir
 
 # %% auto #0
 __all__ = ['CATEGORIES', 'SYNTHETIC_VERSION', 'shape_mask', 'texture', 'background', 'paste_object', 'render',
-           'make_synthetic_coco', 'cache_dir', 'synthetic_coco']
+           'make_synthetic_coco', 'default_cache_dir', 'synthetic_coco']
 
 # %% ../nbs/01a_synthetic.ipynb #86dae3ce
 CATEGORIES = (  # (id, shape, texture, colour, second colour)
@@ -152,18 +153,22 @@ def make_synthetic_coco(root,            # dataset folder to create (COCO layout
     try:
         for k, (split, n) in enumerate((('train2017', n_train), ('val2017', n_val))): _write_split(tmp, split, n, image_size, seed, k)
         (tmp/'synthetic.json').write_text(json.dumps(params))
+        os.chmod(tmp, dir_mode())    # mkdtemp makes it 0700: give it the umask's mode, as mkdir would
         try: os.replace(tmp, root)   # atomic; replaces an empty `root` folder
         except OSError:
             if _stamp(root) != params: raise   # someone else finished the same dataset first: fine
+        fsync_dir(root.parent)
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 # %% ../nbs/01a_synthetic.ipynb #db0ba883
-def cache_dir()->Path:
-    "Cache folder: `$LAS_CACHE`, else `~/.cache/learn_and_search`"
-    return Path(os.environ.get('LAS_CACHE') or Path.home()/'.cache'/'learn_and_search').expanduser()
+def default_cache_dir()->Path:
+    "The package's cache folder: `$LAS_CACHE`, else `$XDG_CACHE_HOME/learn_and_search`, else `~/.cache/learn_and_search`"
+    if os.environ.get('LAS_CACHE'): return Path(os.environ['LAS_CACHE']).expanduser()
+    base = os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache'
+    return Path(base).expanduser()/'learn_and_search'
 
 def synthetic_coco(n_train:int=96, n_val:int=32, image_size:int=256, seed:int=0)->Path:
-    "The synthetic COCO dataset with these parameters in `cache_dir()`, generated on first use"
+    "The synthetic COCO dataset with these parameters in `default_cache_dir()`, generated on first use"
     name = f'synthetic-v{SYNTHETIC_VERSION}-{n_train}-{n_val}-{image_size}px-seed{seed}'
-    return make_synthetic_coco(cache_dir()/name, n_train, n_val, image_size, seed)
+    return make_synthetic_coco(default_cache_dir()/name, n_train, n_val, image_size, seed)

@@ -1,6 +1,7 @@
-"""File-based tests of learn_and_search.data / synthetic / download: bad inputs, image modes, EXIF, the local-server
-download, and a real-data check over $COCO_ROOT (skipped when unset)."""
-import hashlib, http.server, io, json, logging, os, threading, zipfile
+"""File-based tests of learn_and_search.data / synthetic / cache: bad inputs, image modes, EXIF, small images, the
+image cache killed mid-build, and real-data checks over $COCO_ROOT and ../shared/data (skipped when absent).
+The download against a local range server is tested in nbs/01b_download.ipynb (one copy of the server)."""
+import json, logging, os
 from pathlib import Path
 
 import cv2
@@ -12,7 +13,6 @@ from PIL import ExifTags, Image
 import learn_and_search.data as data
 from learn_and_search.data import (CocoImages, FolderImages, ImageReadError, LearnPairs, exif_boxes, load_image,
                                    object_queries, open_images, random_crop_queries)
-from learn_and_search.download import download_coco
 from learn_and_search.synthetic import synthetic_coco
 
 # ---------------------------------------------------------------- helpers
@@ -242,53 +242,6 @@ def test_learn_pairs_workers(tmp_path):
     assert torch.equal(b0, boxes(2)) and b0.shape == (6, 4)
     assert torch.equal(b0[3], pairs[3][1]) and pairs[3][0].shape == (3, 64, 64)
 
-# ---------------------------------------------------------------- download against a local server
-
-class RangeServer(http.server.ThreadingHTTPServer):
-    "Serves `files` (url path -> bytes) on 127.0.0.1 with Range support; the first response is cut after `cut` bytes"
-    def __init__(self, files, cut=None):
-        super().__init__(('127.0.0.1', 0), RangeHandler); self.files, self.cut, self.ranges = files, cut, []
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-class RangeHandler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *a): pass
-    def do_GET(self):
-        body, rng = self.server.files.get(self.path), self.headers.get('Range')
-        if body is None: return self.send_error(404)
-        self.server.ranges.append((self.path, rng))
-        start = int(rng[6:-1]) if rng else 0
-        self.send_response(206 if rng else 200)
-        if rng: self.send_header('Content-Range', f'bytes {start}-{len(body) - 1}/{len(body)}')
-        self.send_header('Content-Length', str(len(body) - start)); self.end_headers()
-        out, self.server.cut = body[start:start + self.server.cut] if self.server.cut else body[start:], None
-        self.wfile.write(out)
-
-def zip_bytes(files):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, 'w') as z:
-        for name, content in files.items(): z.writestr(name, content)
-    return buf.getvalue()
-
-def test_download_coco_local_server(tmp_path):
-    img = io.BytesIO(); rgb().save(img, 'JPEG')
-    val = zip_bytes({'val2017/000000000001.jpg': img.getvalue(), 'val2017/pad.bin': os.urandom(200_000)})
-    ann = zip_bytes({'annotations/instances_val2017.json': json.dumps(dict(
-        images=[dict(id=1, file_name='000000000001.jpg', width=8, height=6)], annotations=[], categories=[dict(id=1, name='a')]))})
-    srv = RangeServer({'/zips/val2017.zip': val, '/annotations/annotations_trainval2017.zip': ann}, cut=50_000)
-    try:
-        url = f'http://127.0.0.1:{srv.server_address[1]}'
-        md5 = {'val2017': hashlib.md5(val).hexdigest(), 'annotations': hashlib.md5(ann).hexdigest()}
-        root = download_coco('val2017', tmp_path/'coco', base_url=url, checksums=md5, progress=False)
-        assert srv.ranges[:2] == [('/zips/val2017.zip', None), ('/zips/val2017.zip', 'bytes=50000-')]   # cut, then resumed
-        ds = CocoImages(root, 'val2017')
-        assert len(ds) == 1 and ds[0]['image'].shape == (3, 6, 8) and not list(root.glob('*.zip*'))
-        bad = dict(md5, val2017='0' * 32)
-        with pytest.raises(ValueError, match='does not match'):
-            download_coco('val2017', tmp_path/'coco2', base_url=url, checksums=bad, progress=False)
-        assert not list((tmp_path/'coco2').glob('*.part'))
-    finally:
-        srv.shutdown(); srv.server_close()
-
 # ---------------------------------------------------------------- real data
 
 @pytest.fixture
@@ -317,3 +270,73 @@ def test_real_coco(coco_root, split):
     assert len(random_crop_queries(ds, n_per_image=2)) == 2 * len(ds)
     scene, box = LearnPairs(ds, image_size=256)[0]
     assert scene.shape == (3, 256, 256) and box.shape == (4,)
+
+# ---------------------------------------------------------------- annotation files, small images, original sizes
+
+@pytest.mark.parametrize('change, msg', [
+    (lambda d: d['images'][0].update(id='1'), '"id" must be an integer'),
+    (lambda d: d['images'][0].update(width=None), '"width" must be a positive number'),
+    (lambda d: d['images'][0].update(file_name=['a.jpg']), '"file_name" must be a non-empty string'),
+    (lambda d: d['annotations'][0].update(bbox=[0, 0, float('inf'), 2]), r'is not \[x, y, w, h\]'),
+    (lambda d: d['categories'].append(dict(id=1, name='again')), 'duplicate category ids')])
+def test_bad_annotation_types(coco, change, msg):
+    "A mistyped field anywhere in the instances file is one ValueError naming the file, never a TypeError"
+    f = coco/'annotations/instances_val2017.json'
+    d = json.loads(f.read_text()); change(d); f.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=f'instances_val2017.json: .*{msg}') as e: CocoImages(coco)
+    assert type(e.value) is ValueError
+
+def test_tiny_images_refused_or_skipped(tmp_path):
+    "A 1x1 image is refused by open_images (naming it, saying how to skip) and skipped with a count under --skip-unreadable"
+    rgb(40, 30).save(tmp_path/'a.png'); rgb(1, 1).save(tmp_path/'b.png'); rgb(40, 30).save(tmp_path/'c.png')
+    with pytest.raises(ImageReadError, match=r'b.png: image is 1x1 px, too small .*--skip-unreadable'): open_images(tmp_path)[1]
+    with pytest.raises(ImageReadError, match='b.png'): data.check_readable(open_images(tmp_path))
+    ds = open_images(tmp_path, skip_unreadable=True)
+    assert [Path(p).name for p, _ in data.check_readable(ds)] == ['b.png'] and len(ds) == 2 and len(ds.skipped) == 1
+    assert FolderImages(tmp_path)[1]['image'].shape == (3, 1, 1)   # the raw reader still reads it
+
+def test_object_queries_original_size(tmp_path):
+    "min_area is in original pixels: a half-size copy whose records keep original_width/height keeps the same objects"
+    for name, scale in (('full', 1), ('half', 2)):
+        (tmp_path/name/'val2017').mkdir(parents=True); rgb(200 // scale, 100 // scale).save(tmp_path/name/'val2017/a.png')
+        write_coco(tmp_path/name, [(1, 'a.png', 200 // scale, 100 // scale)],
+                   [(1, 1, tuple(v / scale for v in b)) for b in ((0, 0, 32, 32), (40, 0, 32, 31), (80, 10, 50, 40))])
+    f = tmp_path/'half/annotations/instances_val2017.json'; d = json.loads(f.read_text())
+    d['images'][0].update(original_width=200, original_height=100); f.write_text(json.dumps(d))
+    full, half = object_queries(CocoImages(tmp_path/'full'), 64), object_queries(CocoImages(tmp_path/'half'), 64)
+    assert len(full) == len(half) == 2   # the 32x31 box is under 32x32 original pixels in both
+    assert all(torch.allclose(a['box'], b['box']) for a, b in zip(full, half))
+
+@pytest.fixture
+def shared_data():
+    root = Path(__file__).resolve().parents[1].parent/'shared'/'data'
+    if not (root/'coco-mini').is_dir() or not (root/'coco-mini-320').is_dir(): pytest.skip(f'{root}: no coco-mini / coco-mini-320')
+    return root
+
+def test_coco_mini_320_same_object_queries(shared_data):
+    "coco-mini-320 gives exactly the 651 object queries of full-resolution coco-mini val2017"
+    full, small = (object_queries(CocoImages(shared_data/n, 'val2017')) for n in ('coco-mini', 'coco-mini-320'))
+    assert len(full) == 651 and [(q['image_id'], q['category_id']) for q in full] == [(q['image_id'], q['category_id']) for q in small]
+
+# ---------------------------------------------------------------- decoded-image cache
+
+def test_cache_build_killed_with_sigkill_is_not_reused(tmp_path):
+    "A build killed with SIGKILL leaves only a hidden temp folder; the next call builds a whole cache and removes it"
+    import subprocess, sys, time
+    from learn_and_search.cache import image_cache
+    from learn_and_search.synthetic import make_synthetic_coco
+    syn, caches = make_synthetic_coco(tmp_path/'syn', n_train=8, n_val=1, image_size=64), tmp_path/'caches'
+    code = (f"import time, learn_and_search.cache as C\nreal = C.resize_square\n"
+            f"def slow(x, s): time.sleep(0.3); return real(x, s)\nC.resize_square = slow\n"
+            f"C.image_cache({str(syn)!r}, 'train2017', 32, cache_dir={str(caches)!r}, progress=False, workers=1)\n")
+    p = subprocess.Popen([sys.executable, '-c', code])
+    try:
+        deadline = time.time() + 120
+        while not any(f.stat().st_size > 0 for f in caches.glob('.*.tmp-*/images.u8')):
+            assert p.poll() is None and time.time() < deadline, 'the build ended before it could be killed'
+            time.sleep(0.05)
+    finally: p.kill(); p.wait()
+    assert [f.name for f in caches.iterdir() if not f.name.startswith('.')] == []        # no cache was installed
+    c = image_cache(syn, 'train2017', 32, cache_dir=caches, progress=False)
+    assert len(c) == 8 and not list(caches.glob('.*.tmp-*'))
+    assert all(torch.equal(c[i]['image'], data.resize_square(load_image(syn/c.names[i]), 32)) for i in range(8))
