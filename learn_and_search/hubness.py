@@ -61,7 +61,10 @@ def select_score_mode(scores:Tensor,    # (Q, G) validation image scores (mode '
                       relevant:Tensor,  # (Q, G) bool: image holds the query's category
                       stats:dict,       # `reference_stats` for the validation gallery
                       modes=SCORE_MODES,
+                      min_gain:float=0.01,  # a mode must beat the first of `modes` by this much mAP to replace it
                      )->tuple:          # (best mode, {mode: mAP})
-    "The score mode with the highest category mAP on a validation gallery"
+    "The score mode with the highest category mAP on a validation gallery, if it beats the first mode by `min_gain`"
+    modes = list(modes)
     m_ap = {m: retrieval_metrics(adjust_scores(scores, stats, m), source, relevant)['map'] or 0. for m in modes}
-    return max(modes, key=lambda m: (m_ap[m], -list(modes).index(m))), m_ap
+    best = max(modes, key=lambda m: (m_ap[m], -modes.index(m)))
+    return (best if m_ap[best] >= m_ap[modes[0]] + min_gain else modes[0]), m_ap
