@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
+from .grid import cells_hit
 
 # %% auto #0
 __all__ = ['template_sizes', 'ncc_locate', 'to_uint8', 'template_matching_hits', 'hsv_histogram', 'tile_histograms',
@@ -63,11 +64,11 @@ def template_matching_hits(scenes:Tensor,     # uint8 (N, 3, S, S) scenes
                            sizes:list,        # template sizes, see `template_sizes`
                           )->Tensor:          # Bool (Q,): matched centre inside the box
     "SGA-style hits of multi-scale NCC template matching"
-    queries, hits = to_uint8(queries), []
-    for q, i, (x, y, w, h) in zip(queries, index.tolist(), boxes.tolist()):
-        cx, cy, _ = ncc_locate(scenes[i], q, sizes)
-        hits.append(x <= cx <= x + w and y <= cy <= y + h)
-    return torch.tensor(hits, dtype=torch.bool)
+    queries = to_uint8(queries)
+    centres = torch.tensor([ncc_locate(scenes[i], q, sizes)[:2] for q, i in zip(queries, index.tolist())],
+                           dtype=torch.float64).reshape(-1, 2)                       # (Q, 2) matched window centres
+    # the matched window's centre as a degenerate cell (x0 = x1 = cx): the grid's centre rule, borders included
+    return cells_hit(centres.repeat(1, 2), boxes.cpu().double())
 
 # %% ../nbs/06a_baselines.ipynb #1b0b1b24
 def hsv_histogram(image:Tensor,         # uint8 (3, H, W) RGB

@@ -1,10 +1,11 @@
 """Tests of learn_and_search.metrics, .evaluate and .baselines that need subprocesses, files or real data."""
-import json, math, os, subprocess, sys
+import csv, itertools, json, math, os, subprocess, sys
 from pathlib import Path
 import pytest, torch
 
 from learn_and_search.metrics import (chance_sga, relevance, retrieval_chance, retrieval_metrics, sga_hits, sga_rates,
-                                      gap_ratio)
+                                      gap_ratio, wilson_interval, bootstrap_interval, sga_intervals, query_retrieval,
+                                      chance_per_query, category_retrieval, per_category)
 from learn_and_search.baselines import ncc_locate, template_matching_hits, template_sizes
 
 LAS_EVAL = Path(sys.executable).parent / 'las-eval'
@@ -84,7 +85,7 @@ def test_template_matching_finds_exact_crop():
 
 def _run(args, tmp_path):
     out = tmp_path / 'eval'
-    proc = subprocess.run([str(LAS_EVAL), *args, '--out', str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(LAS_EVAL), *args, '--out', str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / 'metrics.json').read_text())
     assert (out / 'metrics.md').read_text() in proc.stdout + '\n'
@@ -92,38 +93,152 @@ def _run(args, tmp_path):
 
 
 def _check(metrics, n_images):
-    for key in ('sga', 'sga_hard', 'sga_strict', 'chance_sga', 'riga', 'gap_r', 'avg_pos', 'avg_neg', 'loss'):
+    for key in ('sga', 'sga_hard', 'sga_strict', 'chance_sga', 'riga', 'gap_r', 'avg_pos', 'avg_neg', 'loss',
+                'sga_ci', 'sga_hard_ci', 'riga_ci'):
         assert metrics[key] is not None, key
     assert set(metrics['sga']) == {'P3', 'P4', 'P5', 'P6', 'P7', 'all'}
     assert all(0 <= v <= 1 for v in metrics['sga'].values())
+    assert all(lo <= metrics['sga'][k] <= hi for k, (lo, hi) in metrics['sga_ci'].items())
     assert metrics['gallery_size'] == n_images
     assert metrics['baselines']['template_matching']['sga'] is not None
+    assert metrics['baselines']['template_matching']['sga_ci'] is not None
     assert 'imagenet_resnet' in metrics['baselines']
+    assert metrics['settings']['queries_per_image'] == 8 and metrics['n_queries']['localization'] == 8 * n_images
 
 
 def test_las_eval_synthetic(tmp_path):
+    "A --random-init run against a separately built twin of the same seed: RIGA equals SGA because it was measured twice"
     metrics, stdout = _run(['--random-init', '--preset', 'model2', '--data', 'synthetic', '--max-images', '6',
-                            '--image-size', '128', '--batch-size', '6'], tmp_path)
+                            '--image-size', '128', '--batch-size', '6', '--reference-queries', '16', '--per-query'], tmp_path)
     _check(metrics, 6)
-    assert metrics['gap_r']['all'] in (1.0, None)          # the model is its own random-init twin
+    assert not metrics['settings']['random_init_is_model']           # two model objects, each evaluated
+    assert metrics['riga'] == metrics['sga'] and metrics['riga_hard'] == metrics['sga_hard']
+    assert metrics['baselines']['random_init']['map'] == metrics['map']
+    assert all(v == 1.0 for v in metrics['gap_r'].values() if v is not None)
     assert metrics['top_k_instance'] is not None and metrics['retrieval_chance'] is not None
-    assert '### Localization' in stdout and '### Retrieval' in stdout
+    assert set(metrics['hubness']) >= {'max', 'zscore', 'csls'} and set(metrics['hubness_reduced']) == {'zscore', 'csls'}
+    assert '### Localization' in stdout and '### Retrieval' in stdout and "paper's reading" in stdout
+    rows = list(csv.DictReader(open(tmp_path / 'eval' / 'per_query.csv')))
+    std = [r for r in rows if r['method'] == 'model' and r['kind'] == 'standard']
+    assert len(std) == 48 and sum(int(r['hit_all']) for r in std) / 48 == pytest.approx(metrics['sga']['all'])
+    obj = [r for r in rows if r['method'] == 'model' and r['kind'] == 'object']
+    assert len(obj) == metrics['n_queries']['retrieval'] and all(r['top10'] and r['source_rank'] for r in obj)
+    assert (tmp_path / 'eval' / 'per_category.csv').is_file()
+
+
+def _cli(argv, capsys):
+    from learn_and_search.evaluate import main
+    try: code = main(argv)
+    except SystemExit as e: code = e.code
+    return code, capsys.readouterr().err
 
 
 def test_las_eval_bad_input(tmp_path, capsys):
     "A missing checkpoint or --random-init without --preset: clear message, non-zero exit, nothing written"
-    from learn_and_search.evaluate import main
-    with pytest.raises(SystemExit) as e:
-        main(['--checkpoint', str(tmp_path / 'missing.pt'), '--out', str(tmp_path / 'o')])
-    assert 'missing.pt' in str(e.value.code) and not (tmp_path / 'o').exists()
-    with pytest.raises(SystemExit) as e: main(['--random-init', '--data', 'synthetic'])
-    assert e.value.code == 2 and '--preset' in capsys.readouterr().err
+    code, err = _cli(['--checkpoint', str(tmp_path / 'missing.pt'), '--out', str(tmp_path / 'o')], capsys)
+    assert code == 2 and 'missing.pt' in err and err.startswith('las-eval: error:') and not (tmp_path / 'o').exists()
+    code, err = _cli(['--random-init', '--data', 'synthetic'], capsys)
+    assert code == 2 and '--preset' in err
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--query-size', '0'], '--query-size 0'), (['--query-size', '-5'], '--query-size -5'),
+    (['--query-size', '4000', '--image-size', '128'], '--query-size 4000'), (['--batch-size', '0'], '--batch-size 0'),
+    (['--queries-per-image', '0'], '--queries-per-image 0'), (['--max-images', '0'], '--max-images 0'),
+    (['--image-size', '100'], '--image-size 100'), (['--reference-queries', '1'], '--reference-queries 1'),
+    (['--bootstrap', '5'], '--bootstrap 5'), (['--seed', '-1'], '--seed -1'), (['--device', 'tpu'], "'tpu'")])
+def test_las_eval_rejects_bad_flag_values(tmp_path, capsys, flags, message):
+    "Every numeric flag is checked before any work: one line naming the flag and value, exit 2, nothing written"
+    code, err = _cli(['--random-init', '--preset', 'model1', '--out', str(tmp_path / 'o'), *flags], capsys)
+    assert code == 2 and err.startswith('las-eval: error: ') and message in err and err.count('\n') == 1, err
+    assert not (tmp_path / 'o').exists()
+
+
+def test_las_eval_refuses_corrupt_and_hostile_checkpoints(tmp_path, capsys):
+    "Empty, truncated, foreign and pickled-object checkpoints: one line, never advising weights_only=False, nothing run"
+    class Boom:
+        def __reduce__(self): return (os.system, (f'touch {tmp_path / "pwned"}',))
+    torch.save({'model': Boom(), 'config': {}}, tmp_path / 'evil.pt')
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    (tmp_path / 'text.pt').write_text('hello')
+    torch.save({'a': torch.zeros(2)}, tmp_path / 'foreign.pt')
+    (tmp_path / 'cut.pt').write_bytes((tmp_path / 'foreign.pt').read_bytes()[:100])
+    for name in ('evil', 'empty', 'text', 'foreign', 'cut'):
+        code, err = _cli(['--checkpoint', str(tmp_path / f'{name}.pt'), '--out', str(tmp_path / 'o')], capsys)
+        assert code == 2 and err.startswith('las-eval: error: ') and err.count('\n') == 1, (name, err)
+        assert 'weights_only=False' not in err and f'{name}.pt' in err, (name, err)
+    assert not (tmp_path / 'pwned').exists() and not (tmp_path / 'o').exists()
+
+
+def test_las_eval_out_is_a_file_fails_before_work(tmp_path, capsys):
+    (tmp_path / 'taken').write_text('x')
+    code, err = _cli(['--random-init', '--preset', 'model1', '--out', str(tmp_path / 'taken')], capsys)
+    assert code == 2 and 'is not a folder' in err and (tmp_path / 'taken').read_text() == 'x'
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
+def test_las_eval_cuda_without_gpu(tmp_path, capsys):
+    code, err = _cli(['--random-init', '--preset', 'model1', '--device', 'cuda', '--out', str(tmp_path / 'o')], capsys)
+    assert code == 2 and 'CUDA is not available' in err and err.count('\n') == 1
+
+
+def test_wilson_interval_known_values():
+    "Closed-form Wilson intervals worked by hand (z = 1.95996)"
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(0, 0) == (None, None)
+
+
+def test_image_bootstrap_interval():
+    "All hits -> [1, 1]; one query per image -> the normal approximation; 8 copies per image -> no narrower"
+    assert bootstrap_interval(torch.ones(20), torch.arange(20)) == (1.0, 1.0)
+    v = torch.zeros(400); v[:120] = 1
+    lo, hi = bootstrap_interval(v, torch.arange(400), n_boot=4000)
+    half = 1.96 * math.sqrt(0.3 * 0.7 / 400)
+    assert (lo, hi) == pytest.approx((0.3 - half, 0.3 + half), abs=0.01)
+    lo8, hi8 = bootstrap_interval(v.repeat_interleave(8), torch.arange(400).repeat_interleave(8), n_boot=4000)
+    assert hi8 - lo8 == pytest.approx(hi - lo, abs=0.01)
+    ci = sga_intervals({'all': v.bool()}, torch.arange(400), seed=1)
+    assert ci == sga_intervals({'all': v.bool()}, torch.arange(400), seed=1) and ci['all'][0] < 0.3 < ci['all'][1]
+
+
+def test_category_chance_rates_brute_force():
+    "Micro/macro P@k and mAP, with and without 'person', averaged over every ordering of a toy gallery = exact chance"
+    cats = [{1}, {1, 2}, {2}, {1}, {3}, {1, 3}, {2, 3}]
+    source, qcat = torch.tensor([0, 2, 4, 1, 3, 6]), torch.tensor([1, 2, 3, 1, 1, 2])
+    rel = relevance(qcat, cats)
+    runs = []
+    for perm in itertools.permutations(range(7)):
+        pq = query_retrieval(torch.tensor(perm).float().expand(6, 7), source, rel, k=3)
+        runs.append(category_retrieval(pq['p_at_k'], pq['ap'], qcat, person=1))
+    ch = chance_per_query(source, rel)
+    expected = category_retrieval(ch['p_at_k'], ch['ap'], qcat, person=1)
+    for part in ('all', 'no_person'):
+        for key in ('p_at_10_micro', 'p_at_10_macro', 'map_micro', 'map_macro'):
+            assert sum(r[part][key] for r in runs) / len(runs) == pytest.approx(expected[part][key], abs=1e-6), (part, key)
+    assert expected['no_person']['n_queries'] == 3
+    assert [c for c, _, _ in per_category(ch['p_at_k'], qcat)] == [1, 2, 3]
+
+
+def test_gallery_disjoint_from_training_folder(tmp_path):
+    "Images whose COCO id names a file of the training folder are removed and counted; the rest are all kept"
+    from learn_and_search.evaluate import open_gallery, training_ids
+    train = tmp_path / 'train'; train.mkdir()
+    for name in ('000001000004.jpg', '000000000007.png', 'COCO_train2014_000001000010.jpg', 'cat.jpg'):
+        (train / name).write_bytes(b'')
+    ids, unnamed = training_ids(train)
+    assert ids == {1000004, 7, 1000010} and unnamed == 1
+    full = open_gallery([('synthetic', 'val2017'), ('synthetic', 'train2017')])
+    gal = open_gallery([('synthetic', 'val2017'), ('synthetic', 'train2017')], ids)
+    assert gal.removed_training == 3 and len(gal) == len(full) - 3
+    assert not set(gal.ids) & ids and set(gal.ids) == set(full.ids) - ids
 
 
 @pytest.mark.skipif(not os.environ.get('COCO_ROOT'), reason='COCO_ROOT is not set (a COCO root with val2017)')
 def test_las_eval_coco(tmp_path):
-    metrics, stdout = _run(['--random-init', '--preset', 'model1', '--data', os.environ['COCO_ROOT'], '--split', 'val2017',
-                            '--max-images', '20', '--image-size', '128'], tmp_path)
+    metrics, stdout = _run(['--random-init', '--preset', 'model1', '--data', os.environ['COCO_ROOT'],
+                            '--split', 'val2017,train2017', '--max-images', '20', '--image-size', '128'], tmp_path)
     _check(metrics, 20)
     assert metrics['n_queries']['retrieval'] > 0 and metrics['map'] is not None
     assert metrics['baselines']['colour_histogram']['map'] is not None
