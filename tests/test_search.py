@@ -1,6 +1,7 @@
-"""Tests of `learn_and_search.index`, `.search` and `.search_cli`: save/load round trip, approximate recall, group-by-image
-max, bad inputs, and the `las-search` CLI end to end on the synthetic COCO (all CPU, a few seconds)."""
-import json, os, subprocess, sys
+"""Tests of `learn_and_search.index`, `.index_store`, `.search` and `.search_cli`: save/load round trip, approximate recall,
+group-by-image max, the hubness-reduced score on a planted hub, bad inputs, and the `las-search` CLI end to end on the
+synthetic COCO: one-line errors, bounded memory, umask modes, locks, killed saves, unreadable images (all CPU)."""
+import json, math, os, re, signal, stat, subprocess, sys, time
 from pathlib import Path
 
 import faiss
@@ -9,9 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from learn_and_search.hubness import adjust_scores
 from learn_and_search.index import group_max, random_unit_cells, recall_at_k
+from learn_and_search.index_store import index_lock
+from learn_and_search.models import random_init_model
 from learn_and_search.search import IndexFormatError, SearchIndex
-from learn_and_search.search_cli import main, random_model
+from learn_and_search.search_cli import NUMERIC_FLAGS, main
 
 GRIDS = {'P5': (4, 4), 'P6': (2, 2), 'P7': (1, 1)}   # 21 cells: the default levels of a 128-px scene
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,8 +98,8 @@ def test_corrupt_truncated_and_mismatched_index_fail_to_load(tmp_path):
     f.write_bytes(b'XXXX' + data[4:])                      # a broken header, same size, hash check skipped
     with pytest.raises(IndexFormatError, match='index.faiss could not be read by FAISS'): SearchIndex.load(tmp_path / 'idx', verify=False)
     f.write_bytes(data)
-    meta.write_text(m.replace('"version": 1', '"version": 2'))
-    with pytest.raises(IndexFormatError, match='meta.json has format version 2'): SearchIndex.load(tmp_path / 'idx')
+    meta.write_text(m.replace('"version": 2', '"version": 3'))                  # (format version 2 is current)
+    with pytest.raises(IndexFormatError, match='meta.json has format version 3'): SearchIndex.load(tmp_path / 'idx')
     meta.write_text(m[:50])
     with pytest.raises(IndexFormatError, match='meta.json is not valid JSON'): SearchIndex.load(tmp_path / 'idx')
     meta.unlink()
@@ -107,13 +111,13 @@ def test_corrupt_truncated_and_mismatched_index_fail_to_load(tmp_path):
 
 @pytest.fixture(scope='module')
 def tiny_model():
-    return random_model('model1', dim=32, seed=0)
+    return random_init_model(None, 0, preset='model1', dim=32)
 
 
 def test_bad_inputs_api(tiny_model, tmp_path):
     with pytest.raises(ValueError, match='gallery is empty'): SearchIndex.build(tiny_model, [], progress=False)
     img = torch.randint(0, 256, (3, 48, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    idx = SearchIndex.build(tiny_model, [dict(image=img, image_id=0, path='x.png')], image_size=64, progress=False)
+    idx = SearchIndex.build(tiny_model, [dict(image=img, image_id=0, path='x.png')], image_size=64, progress=False, reference=0)
     with pytest.raises(ValueError, match='not inside the 80x48 image'): idx.search(img, [70, 0, 20, 10])
     with pytest.raises(ValueError, match='not inside'): idx.search(img, [-5, 0, 20, 10])
     with pytest.raises(ValueError, match='under 1 px'): idx.search(img, [0, 0, 20, 0.5])
@@ -186,7 +190,7 @@ def test_cli_bad_inputs_fail_and_write_nothing(built, tmp_path, capsys):
     assert main(['build', '--images', 'synthetic', '--random-init', '--dim', '32', '--out', str(out)]) == 2
     assert 'already exists' in capsys.readouterr().err
     # an index queried with another model is refused
-    m = random_model(dim=32, seed=5)
+    m = random_init_model(None, 5, dim=32)
     torch.save(dict(model=m.state_dict(), config=m.config, step=0), tmp_path / 'other.pt')
     assert main(['query', '--index', str(out), '--image', img, '--box', '0,0,10,10', '--checkpoint', str(tmp_path / 'other.pt')]) == 2
     assert 'not the one' in capsys.readouterr().err
@@ -206,3 +210,209 @@ def test_cli_on_real_coco(tmp_path):
     p = las_search('query', '--index', tmp_path / 'idx', '--image', index.paths[3], '--box', f'{w/4},{h/4},{w/5},{h/5}', '-k', '3')
     assert p.returncode == 0, p.stderr
     assert [r['image'] in index.paths for r in json.loads(p.stdout)['results']] == [True] * 3
+
+
+# ---------------------------------------------------------------- hubness-reduced scores (issue 10 item 4)
+
+def planted_hub(G=300, C=21, D=32, Q=12, seed=0):
+    "A gallery whose image 0 is a hub (every cell near one direction the queries lean to), queries, their true matches, reference queries"
+    g = torch.Generator().manual_seed(seed)
+    def toward(d, n, cos):
+        e = torch.randn(n, D, generator=g); e = F.normalize(e - (e @ d)[:, None] * d, dim=-1)
+        return cos * d + math.sqrt(1 - cos**2) * e
+    hub_dir = F.normalize(torch.randn(D, generator=g), dim=0)
+    cells = F.normalize(torch.randn(G, C, D, generator=g), dim=-1)
+    cells[0] = toward(hub_dir, C, 0.97)
+    queries, ref = toward(hub_dir, Q, 0.6), toward(hub_dir, 64, 0.6)
+    truth = torch.arange(1, Q + 1) * 7
+    cells[truth, 3] = F.normalize(queries + 0.05 * torch.randn(Q, D, generator=g), dim=-1)
+    return cells, queries, truth, ref
+
+
+@pytest.mark.parametrize('kind', ['flat', 'ivf', 'hnsw'])
+def test_planted_hub_is_demoted_and_true_match_is_not(tmp_path, kind):
+    cells, queries, truth, ref = planted_hub()
+    G = len(cells)
+    idx = SearchIndex(32, GRIDS, 128, kind, **APPROX.get(kind, {})).train(cells).add(cells, list(range(G)), [f'{i}.jpg' for i in range(G)], [(128, 128)] * G)
+    idx.set_reference(ref)
+    _, r, _ = idx.search_vectors(queries, 10, score='max')
+    assert (r == 0).any(1).all()                                           # the paper's score: the hub is in every top 10
+    assert (r[:, 0] == truth.numpy()).all()
+    idx.save(tmp_path / 'idx')
+    for index in (idx, SearchIndex.load(tmp_path / 'idx')):                # the statistics travel with the index
+        _, rz, _ = index.search_vectors(queries, 10, score='zscore')
+        assert not (rz == 0).any(), 'the hub must leave every top-10 list'
+        assert (rz[:, 0] == truth.numpy()).all(), 'each true match must stay first'
+    # exact against brute force (flat), whatever the first candidate count
+    if kind == 'flat':
+        img = torch.einsum('gcd,qd->qgc', cells, queries).amax(-1)
+        for mode in ('zscore', 'csls'):
+            for rerank in (0, 50):
+                s, r, _ = idx.search_vectors(queries, 10, rerank=rerank, score=mode)
+                want = adjust_scores(img, idx.ref_stats, mode).topk(10)
+                np.testing.assert_array_equal(r, want.indices.numpy())
+                np.testing.assert_allclose(s, want.values.numpy(), atol=1e-4)
+
+
+def test_hubness_scores_need_reference_statistics():
+    cells, queries, _, _ = planted_hub(G=100)
+    idx = filled('flat', cells)
+    with pytest.raises(ValueError, match='needs reference statistics'): idx.search_vectors(queries, 5, score='zscore')
+    with pytest.raises(ValueError, match="score must be one of"): idx.search_vectors(queries, 5, score='mean')
+
+
+# ---------------------------------------------------------------- the CLI under a demanding user (issue 12)
+
+def run_cli_lines(*args, **kw):
+    "las-search in a subprocess: (returncode, stdout, stderr lines)"
+    p = las_search(*args, **kw)
+    return p.returncode, p.stdout, p.stderr.strip().splitlines()
+
+
+def test_query_k_memory_is_bounded_by_the_gallery(built):
+    out, _ = built
+    index = SearchIndex.load(out)
+    w, h = index.sizes[0]
+    code = ("import resource, sys; from learn_and_search.search_cli import main; "
+            f"rc = main(['query', '--index', {str(out)!r}, '--image', {index.paths[0]!r}, '--box', '0,0,{w/2},{h/2}', '-k', '100000000']); "
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+    p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads(p.stdout)['results']) == 12                    # every image once, no more
+    peak_mb = int(re.search(r'PEAK (\d+)', p.stderr).group(1)) / 1024    # ru_maxrss is in KB on Linux
+    assert peak_mb < 1500, f'peak RSS {peak_mb:.0f} MB (was 3.2 GB before -k was clamped to the gallery)'
+
+
+BUILD = ['build', '--images', 'synthetic', '--random-init', '--preset', 'model1', '--dim', '32', '--image-size', '64',
+         '--limit', '6', '--reference', '8', '--no-progress']
+
+
+def test_invalid_ivf_and_hnsw_parameters_are_refused_at_build_time(tmp_path, capsys):
+    rc, so, err = run_cli_lines(*BUILD, '--out', tmp_path / 'idx', '--kind', 'ivf', '--nprobe', '0')   # the console script
+    assert rc == 2 and so == '' and err == ['las-search: error: --nprobe must be >= 1, got 0'], err
+    for extra, msg in [(['--kind', 'ivf', '--nlist', '0'], '--nlist must be >= 1, got 0'),
+                       (['--kind', 'hnsw', '--M', '1'], '--M must be >= 2, got 1'),
+                       (['--kind', 'hnsw', '--ef-search', '0'], '--ef-search must be >= 1, got 0')]:
+        assert main([*BUILD, '--out', str(tmp_path / 'idx'), *extra]) == 2
+        err = capsys.readouterr()
+        assert err.out == '' and err.err == f'las-search: error: {msg}\n', (extra, err.err)
+    assert not (tmp_path / 'idx').exists()
+    with pytest.raises(ValueError, match='nprobe >= 1'): SearchIndex(16, GRIDS, kind='ivf', nlist=4, nprobe=0)
+
+
+def test_every_numeric_flag_is_validated(built, tmp_path, capsys):
+    "Table-driven: each numeric flag one below its lower bound is refused with one line naming it, before any work"
+    out, _ = built
+    index = SearchIndex.load(out)
+    query = ['query', '--index', str(out), '--image', index.paths[0], '--box', '0,0,10,10']
+    build = ['build', '--images', 'synthetic', '--random-init', '--out', str(tmp_path / 'x')]
+    for flag, (dest, lo) in NUMERIC_FLAGS.items():
+        assert main((query if flag in ('-k', '--rerank') else build) + [flag, str(lo - 1)]) == 2, flag
+        err = capsys.readouterr()
+        assert err.out == '' and err.err == f'las-search: error: {flag} must be >= {lo}, got {lo - 1}\n', (flag, err.err)
+    for argv, msg in [(query + ['-k', 'many'], "argument -k: invalid int value: 'many'"),
+                      (build + ['--image-size', '100'], '--image-size must be a multiple of 32, got 100'),
+                      (build + ['--reference', '1'], '--reference must be 0 (none) or >= 2 crops, got 1')]:
+        assert main(argv) == 2
+        assert capsys.readouterr().err == f'las-search: error: {msg}\n'
+    assert not (tmp_path / 'x').exists()
+
+
+def test_box_with_negative_numbers_parses_and_a_bad_box_names_the_flag(built):
+    out, _ = built
+    index = SearchIndex.load(out)
+    img, (w, h) = index.paths[0], index.sizes[0]
+    rc, so, err = run_cli_lines('query', '--index', out, '--image', img, '--box', '-10,-10,50,50')
+    assert rc == 2 and so == '' and err == [f'las-search: error: box x,y,w,h = -10,-10,50,50 is not inside the {w}x{h} image']
+    rc, so, err = run_cli_lines('query', '--index', out, '--image', img, '--box', 'a,b,c,d')
+    assert rc == 2 and err == ["las-search: error: --box must be x,y,w,h (4 comma-separated numbers), got 'a,b,c,d'"]
+    rc, so, _ = run_cli_lines('query', '--index', out, '--image', img, '--box=0,0,10,10', '-k', '2', '--score', 'max')
+    assert rc == 0 and len(json.loads(so)['results']) == 2
+
+
+def test_index_files_and_folders_follow_the_umask(tmp_path):
+    def build_with(mask, name):
+        return subprocess.run([sys.executable, '-m', 'learn_and_search.search_cli', *BUILD, '--out', str(tmp_path / name)],
+                              capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(mask))
+    for mask in (0o022, 0o027):
+        p = build_with(mask, f'idx{mask:o}')
+        assert p.returncode == 0, p.stderr
+        folder = tmp_path / f'idx{mask:o}'
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
+        for f in folder.iterdir(): assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+    index = SearchIndex.load(tmp_path / 'idx22')
+    grid = tmp_path / 'grid.png'
+    p = subprocess.run([sys.executable, '-m', 'learn_and_search.search_cli', 'query', '--index', str(tmp_path / 'idx22'), '--image',
+                        index.paths[0], '--box', '0,0,10,10', '--grid', str(grid)], capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: os.umask(0o022))
+    assert p.returncode == 0, p.stderr
+    assert stat.S_IMODE(grid.stat().st_mode) == 0o644
+
+
+def test_a_killed_save_leaves_leftovers_that_the_next_build_removes(tmp_path):
+    out = tmp_path / 'idx'
+    assert las_search(*BUILD, '--out', out).returncode == 0
+    # a save killed (SIGKILL) while writing leaves its hidden temporary folder
+    code = f'''if 1:
+        import time, faiss, learn_and_search.search as s
+        idx = s.SearchIndex.load({str(out)!r})
+        real = faiss.write_index
+        def slow(index, path): real(index, path); print('writing', flush=True); time.sleep(60)
+        s.faiss.write_index = slow
+        idx.save({str(out)!r}, overwrite=True)'''
+    p = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+    try: assert p.stdout.readline().strip() == 'writing'
+    finally: p.send_signal(signal.SIGKILL); p.wait()
+    (tmp_path / '.idx.old').mkdir()                                   # and a kill between the two renames, an .old folder
+    left = sorted(x.name for x in tmp_path.iterdir() if x.is_dir() and x.name.startswith('.idx.'))
+    assert len(left) == 2 and '.idx.old' in left and any(re.fullmatch(r'\.idx\.\w{8}\.tmp', x) for x in left), left
+    SearchIndex.load(out)                                              # the index itself is intact
+    assert las_search(*BUILD, '--out', out, '--overwrite').returncode == 0
+    assert [x.name for x in tmp_path.iterdir() if x.is_dir() and x.name.startswith('.')] == []
+
+
+def test_a_second_build_of_the_same_out_is_refused_naming_the_holder(tmp_path):
+    out = tmp_path / 'idx'
+    holder = subprocess.Popen([sys.executable, '-c', f'''if 1:
+        import time; from learn_and_search.index_store import index_lock
+        index_lock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)'''], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        rc, so, err = run_cli_lines(*BUILD, '--out', out)
+        assert rc == 2 and so == '' and len(err) == 1 and f'is in use by process {holder.pid}' in err[0], err
+        assert not out.exists()
+    finally: holder.kill(); holder.wait()
+    assert las_search(*BUILD, '--out', out).returncode == 0           # the dead holder's lock is taken over
+
+
+def test_build_skip_unreadable_counts_and_names_bad_images(tmp_path):
+    from PIL import Image
+    folder = tmp_path / 'imgs'; folder.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(4): Image.fromarray(g.integers(0, 255, (50 + 5 * i, 60, 3), dtype=np.uint8)).save(folder / f'ok{i}.png')
+    (folder / 'broken.jpg').write_bytes(b'\xff\xd8\xff this is not a jpeg')
+    args = ['build', '--images', folder, '--random-init', '--dim', '32', '--image-size', '64', '--reference', '8', '--no-progress']
+    rc, so, err = run_cli_lines(*args, '--out', tmp_path / 'idx')
+    assert rc == 2 and so == '' and len(err) == 1 and 'broken.jpg' in err[0] and '--skip-unreadable' in err[0], err
+    assert not (tmp_path / 'idx').exists()
+    rc, so, err = run_cli_lines(*args, '--out', tmp_path / 'idx', '--skip-unreadable')
+    assert rc == 0, err
+    res = json.loads(so)
+    assert res['images'] == 4 and res['skipped'] == 1 and 'broken.jpg' in res['skipped_images'][0]
+    assert any('left out 1 unreadable image' in l and 'broken.jpg' in l for l in err), err
+    assert len(SearchIndex.load(tmp_path / 'idx')) == 4
+    # with --limit the bad image is met while reading: left out too, never replaced by a duplicate of its neighbour
+    rc, so, err = run_cli_lines(*args, '--out', tmp_path / 'idx3', '--skip-unreadable', '--limit', '3')
+    assert rc == 0, err
+    res = json.loads(so)
+    assert res['images'] == 2 and res['skipped'] == 1 and 'broken.jpg' in res['skipped_images'][0]
+    assert sorted(Path(p).name for p in SearchIndex.load(tmp_path / 'idx3').paths) == ['ok0.png', 'ok1.png']
+
+
+def test_library_imports_without_fastcore():
+    "fastcore is a dev requirement only: the search modules must import without it (as after a plain `pip install .`)"
+    code = ("import sys; sys.modules['fastcore'] = None; "        # any `import fastcore...` now raises ImportError
+            "import learn_and_search.index, learn_and_search.embed, learn_and_search.index_store, "
+            "learn_and_search.search, learn_and_search.search_cli, learn_and_search.bench_search")
+    p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
