@@ -4,34 +4,29 @@
 
 # %% ../nbs/06b_evaluate.ipynb #33ddcef4
 from __future__ import annotations
-import argparse, csv, io, os, re, sys, time
+import argparse, os, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from .augment import JITTER, color_jitter, crop_queries, hard_queries, hard_query_params
-from .baselines import (
-    histogram_scores, hsv_histogram, imagenet_features, template_matching_hits, template_sizes, tile_histograms, to_uint8)
-from learn_and_search.data import (
-    CocoImages, IMAGE_EXTS, check_image_size, load_coco, object_queries, open_images, random_crop_queries, resize_square,
-    sample_query_box)
-from .hubness import adjust_scores, k_occurrence, reference_stats, select_score_mode
+from .baselines import imagenet_features, template_matching_hits, template_sizes, tile_histograms, to_uint8
+from .data import CocoImages, check_image_size, open_images, random_crop_queries, resize_square
+from .eval_report import (
+    RunInfo, assemble_metrics, metrics_markdown, per_category_csv, per_query_csv, per_query_rows)
+from .gallery import Gallery, excluded_ids, open_gallery, reference_images
+from .gallery import training_ids   # noqa: F401 (unused here: importable from `evaluate` until reproduce.py moves)
+from .hubness import reference_stats, select_score_mode
 from .loss import AntXentLoss
-from .metrics import (
-    CATEGORY_K, best_cells, category_retrieval, chance_per_query, chance_sga, gap_ratio, per_category, query_retrieval,
-    relevance, retrieval_chance, retrieval_metrics, sga_hits, sga_intervals, sga_rates)
+from .metrics import best_cells, relevance, sga_hits
 from .models import load_model, random_init_model
-from .utils import (
-    atomic_write, atomic_write_json, markdown_table, resolve_device, run_cli, script_entry)
+from .utils import atomic_write, atomic_write_json, resolve_device, run_cli, script_entry
 
 # %% auto #0
-__all__ = ['QUERY_PROTOCOLS', 'HUBNESS_K', 'REDUCED_MODES', 'PER_QUERY_METHODS', 'eval_query_params', 'eval_queries', 'name_id',
-           'training_ids', 'Gallery', 'open_gallery', 'LocalizationQueries', 'ObjectQueries', 'object_crops',
-           'reference_crops', 'gallery_scores', 'PassConfig', 'MethodTally', 'BaselineTally', 'retrieval_figures',
-           'chance_figures', 'sga_figures', 'RunQueries', 'RunInfo', 'evaluate', 'select_image_score',
-           'per_query_columns', 'per_query_rows', 'per_query_csv', 'metrics_markdown', 'per_category_csv', 'main']
+__all__ = ['QUERY_PROTOCOLS', 'eval_query_params', 'eval_queries', 'LocalizationQueries', 'ObjectQueries', 'object_crops',
+           'reference_crops', 'gallery_scores', 'PassConfig', 'MethodTally', 'BaselineTally', 'RunQueries', 'evaluate',
+           'select_image_score', 'main']
 
 # %% ../nbs/06b_evaluate.ipynb #46dfdeb9
 QUERY_PROTOCOLS = ('standard', 'hard', 'both')
@@ -55,84 +50,6 @@ def eval_queries(scenes:Tensor,   # (B, 3, S, S) float in [0, 1], one scene per 
     p = {k: v.to(dev) for k, v in params.items()}
     if hard: return hard_queries(scenes, boxes.to(dev), size, params=p)     # crop, jitter, blur, as `augment` defines them
     return color_jitter(crop_queries(scenes, boxes.to(dev), size), p['brightness'], p['contrast'], p['saturation'], p['hue'])
-
-# %% ../nbs/06b_evaluate.ipynb #f1734e38
-_ID_NAME = re.compile(r'(?:COCO_[A-Za-z]+\d*_)?(\d+)')
-
-def name_id(path)->int|None:
-    "The COCO image id a file name carries (`000000123456.jpg` -> 123456), or None"
-    m = _ID_NAME.fullmatch(Path(path).stem)
-    return int(m[1]) if m else None
-
-def training_ids(source,                # 'synthetic', a COCO root or a folder of images named by COCO id
-                 split:str='train2017', # the split of a COCO root (or of the synthetic set)
-                )->tuple:               # (set of COCO image ids, number of image files whose name carries no id)
-    "COCO image ids of the training images in `source`"
-    if str(source) == 'synthetic': return set(open_images('synthetic', split).ids), 0
-    root = Path(source).expanduser()
-    if not root.exists(): raise FileNotFoundError(f"training data {source}: no such file or folder")
-    if (root/'annotations').is_dir(): return set(load_coco(root/'annotations'/f'instances_{split}.json').imgs), 0
-    if root.is_file(): raise ValueError(f"training data {source} is a file, not a folder of images or a COCO root")
-    ids, unnamed = set(), 0
-    for p in root.rglob('*'):
-        if p.suffix.lower() in IMAGE_EXTS and p.is_file():
-            i = name_id(p)
-            if i is None: unnamed += 1
-            else: ids.add(i)
-    return ids, unnamed
-
-# %% ../nbs/06b_evaluate.ipynb #52073103
-class Gallery(Dataset):
-    "Image sets joined into one gallery, without the images whose COCO id is in `exclude_ids`"
-    def __init__(self, sets:list,                   # opened image sets (`CocoImages`, `FolderImages`)
-                 exclude_ids:set=frozenset(),       # COCO image ids to leave out (the training images)
-                 labels:list|None=None,             # (data, split) of each set, for the record
-                ):
-        if not sets: raise ValueError("a gallery needs at least one image set")
-        self.sets, self.rows, self.ids, self.parts, self.categories = list(sets), [], [], [], {}
-        self.removed_training = self.duplicates = 0
-        seen = set()
-        for s, images in enumerate(self.sets):
-            kept = 0
-            for j, path in enumerate(images.paths):
-                iid = images.ids[j] if isinstance(images, CocoImages) else name_id(path)
-                if iid is not None and iid in exclude_ids: self.removed_training += 1; continue
-                if iid is not None and iid in seen: self.duplicates += 1; continue
-                seen.add(iid); self.rows.append((s, j)); self.ids.append(iid); kept += 1
-            data, split = labels[s] if labels else (str(getattr(images, 'root', '?')), getattr(images, 'split', None))
-            self.parts.append(dict(data=str(data), split=split, n_images=len(images), n_kept=kept))
-            self.categories.update(getattr(images, 'categories', {}) or {})
-        self.labelled = all(isinstance(images, CocoImages) for images in self.sets)
-
-    def __len__(self): return len(self.rows)
-    def __getitem__(self, i:int)->dict:
-        s, j = self.rows[range(len(self))[i]]
-        return {**self.sets[s][j], 'index': i}
-    def file(self, i:int)->str:
-        "Path of image `i` relative to its set's root"
-        s, j = self.rows[i]
-        p, root = Path(self.sets[s].paths[j]), Path(getattr(self.sets[s], 'root', '/'))
-        return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
-
-    def object_queries(self, image_size:int, n:int|None=None)->list:
-        "`data.object_queries` of every labelled set, restricted to the first `n` gallery images and renumbered"
-        where = {row: i for i, row in enumerate(self.rows) if n is None or i < n}
-        out = []
-        for s, images in enumerate(self.sets):
-            if not isinstance(images, CocoImages) or not any(r[0] == s for r in where): continue
-            out += [{**q, 'index': where[(s, q['index'])]} for q in object_queries(images, image_size) if (s, q['index']) in where]
-        return sorted(out, key=lambda q: q['index'])
-
-    def record(self)->dict:
-        "What the gallery is made of, for metrics.json"
-        return dict(size=len(self), parts=self.parts, removed_training=self.removed_training, duplicates=self.duplicates)
-
-def open_gallery(parts:list,                 # [(data, split)]: 'synthetic' or a COCO root (or folder), and its split
-                 exclude_ids:set=frozenset(),
-                 skip_unreadable:bool=False,
-                )->Gallery:
-    "Open each `(data, split)` part and join them into a `Gallery` without `exclude_ids`"
-    return Gallery([open_images(d, s, skip_unreadable) for d, s in parts], exclude_ids, labels=[(str(d), s) for d, s in parts])
 
 # %% ../nbs/06b_evaluate.ipynb #46eacbfb
 @dataclass
@@ -187,17 +104,11 @@ def reference_crops(images,                # image set the reference queries are
                     exclude_ids:set=frozenset(),   # COCO ids not to use (the gallery's)
                     batch_size:int=16,
                    )->tuple:               # (uint8 (n, 3, q, q) crops, number of images left out for `exclude_ids`)
-    "One seeded random crop from each of `n` images of `images` (cycling when there are fewer)"
-    ids = [images.ids[j] if isinstance(images, CocoImages) else name_id(p) for j, p in enumerate(images.paths)]
-    usable = [j for j, i in enumerate(ids) if i is None or i not in exclude_ids]
-    if not usable: raise ValueError(f"no reference images left: all {len(ids)} are in the gallery")
-    g = torch.Generator().manual_seed(seed)
-    order = [usable[j] for j in torch.randperm(len(usable), generator=g).tolist()]
-    idx = [order[i % len(order)] for i in range(n)]
-    boxes = torch.stack([sample_query_box(image_size, image_size, g, crop_frac) for _ in idx]).reshape(-1, 4)
+    "One seeded random crop from each of `n` images of `images` (`gallery.reference_images`: cycling when there are fewer)"
+    idx, boxes, left_out = reference_images(images, n, image_size, crop_frac, seed, exclude_ids)
     crops = [to_uint8(crop_queries(_scenes(images, idx[s:s + batch_size], image_size)[0], boxes[s:s + batch_size], query_size))
              for s in range(0, n, batch_size)]
-    return (torch.cat(crops) if crops else torch.zeros(0, 3, query_size, query_size, dtype=torch.uint8)), len(ids) - len(usable)
+    return (torch.cat(crops) if crops else torch.zeros(0, 3, query_size, query_size, dtype=torch.uint8)), left_out
 
 # %% ../nbs/06b_evaluate.ipynb #5d57fa5e
 def gallery_scores(queries:Tensor,  # (Q, D) L2-normalized query embeddings
@@ -256,9 +167,6 @@ def _similarities(q:Tensor, own:dict)->dict:   # (n, D) x level -> (n, D, H, W) 
 
 def _cpu(d:dict)->dict: return {k: v.cpu() for k, v in d.items()}
 
-def _cat(parts:list)->dict|None:   # [key -> tensor] -> key -> concatenated tensor
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else None
-
 @torch.no_grad()
 def _evaluation_pass(methods:dict,                  # name -> model (`embed_queries` / `embed_scenes`)
                      gallery, n:int,                # the first `n` images of `gallery`
@@ -310,62 +218,6 @@ def _evaluation_pass(methods:dict,                  # name -> model (`embed_quer
                     for k in ('loss', 'avg_pos', 'avg_neg'): t.loss_sums[k] = t.loss_sums.get(k, 0.) + float(getattr(out, k)) * len(sel)
     return tallies, shared
 
-# %% ../nbs/06b_evaluate.ipynb #c602db34
-HUBNESS_K = 10           # k of the k-occurrence skew (top-10 lists)
-REDUCED_MODES = ('zscore', 'csls')
-
-def _skew(scores:Tensor)->dict:   # (Q, G) -> k-occurrence skew of the top-10 lists
-    ko = k_occurrence(scores.topk(min(HUBNESS_K, scores.shape[1]), dim=1).indices, scores.shape[1])
-    return dict(max_count=ko['max_count'], top1pct_share=ko['top1pct_share'], n_top=ko['n_top'])
-
-def _ranking_figures(scores:Tensor, obj:ObjectQueries, ks:tuple, person:int|None)->tuple:   # -> (figures, per-query P@10)
-    m = retrieval_metrics(scores, obj.index, obj.relevant, ks)
-    pq = query_retrieval(scores, obj.index, obj.relevant, CATEGORY_K)
-    out = {k: m[k] for k in ('top_k_instance', 'top_k_category', 'precision_at_k', 'map')}
-    out['category_retrieval'] = category_retrieval(pq['p_at_k'], pq['ap'], obj.category, person)
-    return out, pq['p_at_k']
-
-def retrieval_figures(scores:Tensor,              # (Q, G) image scores of one method (higher is better)
-                      obj:ObjectQueries,          # the queries, with `relevant` set
-                      ks:tuple=(1, 5, 10),
-                      person:int|None=None,       # category id of 'person', left out of the 'no_person' averages
-                      names:dict={},              # category id -> name
-                      reference_scores:Tensor|None=None,  # (R, G) scores of reference queries (not from the gallery)
-                     )->dict:
-    "Every retrieval figure of one method, its hubness, and the same under hubness-reduced scores"
-    out, p10 = _ranking_figures(scores, obj, ks, person)
-    out['per_category'] = [dict(category_id=i, category=names.get(i, str(i)), n_queries=n, p_at_10=v)
-                           for i, n, v in per_category(p10, obj.category)]
-    hub = dict(k=HUBNESS_K, uniform_share=_skew(scores)['n_top'] / scores.shape[1], max=_skew(scores))
-    out['hubness_reduced'] = None
-    if reference_scores is not None:
-        stats, out['hubness_reduced'] = reference_stats(reference_scores), {}
-        for mode in REDUCED_MODES:
-            adjusted = adjust_scores(scores, stats, mode)
-            out['hubness_reduced'][mode] = _ranking_figures(adjusted, obj, ks, person)[0]
-            hub[mode] = _skew(adjusted)
-    out['hubness'] = hub
-    return out
-
-def chance_figures(obj:ObjectQueries, ks:tuple=(1, 5, 10), person:int|None=None)->dict:
-    "Exact chance values of `retrieval_figures` (a uniformly random ranking)"
-    out = retrieval_chance(obj.index, obj.relevant, ks)
-    ch = chance_per_query(obj.index, obj.relevant)
-    out['category_retrieval'] = category_retrieval(ch['p_at_k'], ch['ap'], obj.category, person)
-    out['per_category'] = [dict(category_id=i, n_queries=n, p_at_10=v) for i, n, v in per_category(ch['p_at_k'], obj.category)]
-    return out
-
-def sga_figures(t:MethodTally, loc:LocalizationQueries, n_boot:int=2000, seed:int=0)->dict:
-    "SGA rates and image-bootstrap intervals of every protocol in `t`, plus the loss averages"
-    out = {}
-    for protocol, key in (('standard', 'sga'), ('hard', 'sga_hard')):
-        for sfx in ('', '_strict'):
-            hits = _cat(t.hits.get(protocol + sfx, []))
-            out[key + sfx] = sga_rates(hits) if hits else None
-            out[key + sfx + '_ci'] = sga_intervals(hits, loc.index, n_boot=n_boot, seed=seed) if hits else None
-    for k in ('loss', 'avg_pos', 'avg_neg'): out[k] = t.loss_sums[k] / len(loc.index) if k in t.loss_sums else None
-    return out
-
 # %% ../nbs/06b_evaluate.ipynb #83702ba1
 @dataclass
 class RunQueries:
@@ -374,22 +226,6 @@ class RunQueries:
     obj: ObjectQueries|None
     reference: Tensor|None        # uint8 (R, 3, q, q) reference crops
     reference_left_out: int = 0   # reference images dropped because they are in the gallery
-
-@dataclass
-class RunInfo:
-    "What `_assemble` needs to know about the run besides the figures"
-    protocols: list
-    image_size: int
-    ks: tuple
-    baselines: bool
-    gallery: dict                 # `Gallery.record()`
-    n_images: int                 # images evaluated (the first n of the gallery)
-    person: int|None              # category id of 'person'
-    names: dict                   # category id -> name
-    notes: dict
-    settings: dict
-    n_boot: int = 2000
-    seed: int = 0
 
 def _person_id(names:dict)->int|None: return next((i for i, n in names.items() if n == 'person'), None)
 
@@ -463,7 +299,7 @@ def evaluate(model,                  # a `LearnAndSearch` (or anything with `emb
                         interval=dict(method='percentile bootstrap over images (all queries of an image resampled together)',
                                       level=0.95, n_boot=n_boot, seed=seed)),
                    n_boot, seed)
-    out = _assemble(tallies, shared, run_queries, info, random_init is model)
+    out = assemble_metrics(tallies, shared, run_queries, info, random_init is model)
     out['score_mode'] = None
     if validation is not None and ref is not None:
         out['score_mode'] = select_image_score(model, validation, ref, cfg)
@@ -491,222 +327,6 @@ def select_image_score(model,                 # the evaluated model
     best, m_ap = select_score_mode(torch.cat(t.scores, 1), obj.index, relevant, reference_stats(torch.cat(t.reference_scores, 1)))
     return dict(selected=best, validation_map=m_ap, n_images=len(validation), n_queries=len(obj.index),
                 validation='category mAP of object queries on a labelled gallery disjoint from the reported one')
-
-# %% ../nbs/06b_evaluate.ipynb #4371c057
-def _method(t:MethodTally, q:RunQueries, info:RunInfo, extra_scores=None)->dict:
-    "All figures of one method"
-    out = sga_figures(t, q.loc, info.n_boot, info.seed)
-    if q.obj is not None:
-        ref = torch.cat(t.reference_scores, 1) if t.reference_scores else None
-        out.update(retrieval_figures(torch.cat(t.scores, 1), q.obj, info.ks, info.person, info.names, ref))
-    else: out.update(dict.fromkeys(('top_k_instance', 'top_k_category', 'precision_at_k', 'map')))
-    return out
-
-def _assemble(tallies:dict, shared:BaselineTally, q:RunQueries, info:RunInfo, twin_is_model:bool=False)->dict:
-    "The metrics dict of a run"
-    figures = {name: _method(t, q, info) for name, t in tallies.items()}
-    if twin_is_model: figures['random_init'] = figures['model']
-    model_figs, ri, obj, hws = figures['model'], figures.get('random_init'), q.obj, shared.grid_hws
-    out = dict(model_figs)
-    out.update(chance_sga=chance_sga(q.loc.boxes, hws, info.image_size),
-               chance_sga_strict=chance_sga(q.loc.boxes, hws, info.image_size, True),
-               riga=ri and ri['sga'], riga_hard=ri and ri['sga_hard'], riga_ci=ri and ri['sga_ci'],
-               riga_hard_ci=ri and ri['sga_hard_ci'])
-    out.update(gap_r=gap_ratio(out['sga'], out['riga']), gap_r_hard=gap_ratio(out['sga_hard'], out['riga_hard']),
-               retrieval_chance=chance_figures(obj, info.ks, info.person) if obj else None,
-               gallery_size=info.n_images, gallery={**info.gallery, 'size': info.n_images, 'listed': info.gallery['size']},
-               n_queries=dict(localization=len(q.loc.index), retrieval=len(obj.index) if obj else 0,
-                              reference=0 if q.reference is None else len(q.reference)))
-    out['gallery']['reference_left_out'] = q.reference_left_out
-    if obj:   # chance beside each per-category figure
-        chance = {c['category_id']: c['p_at_10'] for c in out['retrieval_chance']['per_category']}
-        for f in figures.values():
-            for c in f.get('per_category') or []: c['chance_p_at_10'] = chance[c['category_id']]
-    else: info.notes['retrieval'] = 'skipped: the gallery has no COCO annotations (no object queries)'
-    b = {'random_init': ri}
-    if info.baselines:
-        tm = {p: _cat([{'all': h} for h in shared.template_hits.get(p, [])]) for p in info.protocols}
-        b['template_matching'] = dict(sizes=[list(s) for s in template_sizes(info.image_size)])
-        for p, key in (('standard', 'sga'), ('hard', 'sga_hard')):
-            b['template_matching'][key] = sga_rates(tm[p])['all'] if tm.get(p) else None
-            b['template_matching'][key + '_ci'] = sga_intervals(tm[p], q.loc.index, n_boot=info.n_boot, seed=info.seed)['all'] if tm.get(p) else None
-        if obj:
-            hists = torch.stack(shared.gallery_hists)
-            qh = torch.stack([hsv_histogram(c) for c in obj.crops])
-            ref = histogram_scores(torch.stack([hsv_histogram(c) for c in q.reference]), hists) if q.reference is not None else None
-            b['colour_histogram'] = retrieval_figures(histogram_scores(qh, hists), obj, info.ks, info.person, info.names, ref)
-            for c in b['colour_histogram']['per_category']: c['chance_p_at_10'] = chance[c['category_id']]
-        b['imagenet_resnet'] = figures.get('imagenet_resnet') or dict(skipped=True, note=info.notes.get('imagenet_resnet'))
-    return dict(**out, baselines=b, notes=info.notes, settings=info.settings)
-
-# %% ../nbs/06b_evaluate.ipynb #18b98732
-PER_QUERY_METHODS = ('model', 'random_init')
-
-def per_query_columns(levels)->list:   # the model's level names
-    "Column names of `per_query.csv` for a model with `levels`"
-    return (['method', 'kind', 'query', 'gallery_index', 'image_id', 'file', 'box_x', 'box_y', 'box_w', 'box_h',
-             'category_id', 'category'] + [f'hit_{l}' for l in levels] + ['hit_all', 'best_level', 'best_cell', 'best_score',
-             'source_rank', 'p_at_10', 'top10'] + [f'{c}_{m}' for m in REDUCED_MODES for c in ('source_rank', 'top10')])
-
-def _rows(method, kind, index, boxes, hits, best, levels, gallery, image_size):
-    out = []
-    for i in range(len(index)):
-        g, (x, y, w, h) = int(index[i]), boxes[i].tolist()
-        out.append(dict(method=method, kind=kind, query=i, gallery_index=g, image_id=gallery.ids[g], file=gallery.file(g),
-                        box_x=round(x, 2), box_y=round(y, 2), box_w=round(w, 2), box_h=round(h, 2),
-                        **{f'hit_{l}': int(hits[l][i]) for l in [*levels, 'all']},
-                        best_level=levels[int(best['level'][i])], best_cell=int(best['cell'][i]),
-                        best_score=round(float(best['score'][i]), 5)))
-    return out
-
-def per_query_rows(tallies:dict, q:RunQueries, gallery:Gallery, protocols:list, names:dict, image_size:int)->list:
-    "One dict per (method, query) with the columns of `per_query_columns`"
-    rows = []
-    for method in PER_QUERY_METHODS:
-        t = tallies.get(method)
-        if t is None: continue
-        levels = [k for k in (t.hits.get(protocols[0]) or [{}])[0] if k != 'all']
-        for p in protocols:
-            rows += _rows(method, p, q.loc.index, q.loc.boxes, _cat(t.hits[p]), _cat(t.best[p]), levels, gallery, image_size)
-        if q.obj is None or not t.object_hits: continue
-        obj, scores = q.obj, torch.cat(t.scores, 1)
-        ranked = {'': scores}
-        if t.reference_scores:
-            stats = reference_stats(torch.cat(t.reference_scores, 1))
-            ranked.update({m: adjust_scores(scores, stats, m) for m in REDUCED_MODES})
-        per = {m: query_retrieval(s, obj.index, obj.relevant, CATEGORY_K) for m, s in ranked.items()}
-        top = {m: s.topk(min(10, s.shape[1]), dim=1).indices for m, s in ranked.items()}
-        ids = lambda row: ' '.join(str(gallery.ids[int(j)]) for j in row)
-        obj_rows = _rows(method, 'object', obj.index, obj.boxes, _cat(t.object_hits), _cat(t.object_best), levels, gallery, image_size)
-        for i, r in enumerate(obj_rows):
-            c = int(obj.category[i])
-            r.update(category_id=c, category=names.get(c, str(c)), source_rank=int(per['']['source_rank'][i]) + 1,
-                     p_at_10=round(float(per['']['p_at_k'][i]), 4), top10=ids(top[''][i]))
-            for m in REDUCED_MODES:
-                if m in per: r.update({f'source_rank_{m}': int(per[m]['source_rank'][i]) + 1, f'top10_{m}': ids(top[m][i])})
-        rows += obj_rows
-    return rows
-
-def per_query_csv(rows:list, levels)->str:
-    "`per_query_rows` as CSV text (columns of `per_query_columns`; missing values empty)"
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, per_query_columns(levels), restval='', lineterminator='\n')
-    w.writeheader(); w.writerows(rows)
-    return buf.getvalue()
-
-# %% ../nbs/06b_evaluate.ipynb #db20048d
-def _get(d, *keys):
-    "`d[k0][k1]...`, or None where a key is missing"
-    for k in keys: d = d.get(k) if isinstance(d, dict) else None
-    return d
-
-def _with_ci(v, ci=None)->str:   # a rate with its interval: '0.512 [0.478, 0.547]'
-    if v is None: return '–'
-    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else '')
-
-def _localization_table(m:dict)->str:
-    b, s, nq = m.get('baselines') or {}, m.get('settings') or {}, m.get('n_queries') or {}
-    levels = [k for k in (m.get('sga') or m.get('sga_hard') or {}) if k != 'all'] + ['all']
-    cols = [('SGA [95% CI]', 'sga', 'sga_ci'), ('SGA hard [95% CI]', 'sga_hard', 'sga_hard_ci'), ('SGA strict', 'sga_strict', None),
-            ('RIGA [95% CI]', 'riga', 'riga_ci'), ('RIGA hard', 'riga_hard', 'riga_hard_ci'), ('gap_r', 'gap_r', None),
-            ('gap_r hard', 'gap_r_hard', None), ('chance', 'chance_sga', None), ('chance strict', 'chance_sga_strict', None)]
-    rows = [[k] + [_with_ci(_get(m, key, k), ci and _get(m, ci, k)) for _, key, ci in cols] for k in levels]
-    tm, inet = b.get('template_matching'), b.get('imagenet_resnet') or {}
-    if tm: rows.append(['template matching (NCC)', _with_ci(tm.get('sga'), tm.get('sga_ci')),
-                        _with_ci(tm.get('sga_hard'), tm.get('sga_hard_ci'))] + ['–'] * 7)
-    if inet.get('sga') or inet.get('sga_hard'):
-        rows.append(['ImageNet ResNet (C4)', _with_ci(_get(inet, 'sga', 'all'), _get(inet, 'sga_ci', 'all')),
-                     _with_ci(_get(inet, 'sga_hard', 'all'), _get(inet, 'sga_hard_ci', 'all')),
-                     _with_ci(_get(inet, 'sga_strict', 'all'))] + ['–'] * 6)
-    rows.append(['chance (box area)'] + ['–'] * 7 + [_with_ci(_get(m, 'chance_sga', 'area')), '–'])
-    per_image = s.get('queries_per_image', '?')
-    interval = _get(s, 'interval', 'n_boot')
-    return (f"### Localization: Similarity Grid Accuracy\n\n{nq.get('localization', '?')} queries ({per_image} per image) on "
-            f"a gallery of {m.get('gallery_size', '?')} images, scene {s.get('image_size', '?')} px, query "
-            f"{s.get('query_size', '?')} px, seed {s.get('seed', '?')}; 95% intervals: percentile bootstrap over images "
-            f"({interval or '?'} resamples).\n\n" + markdown_table(['level'] + [c for c, *_ in cols], rows))
-
-def _methods(m:dict)->list:   # (label, figures) of every retrieval method, chance last
-    b = m.get('baselines') or {}
-    out = [('model', m), ('random init', b.get('random_init') or {}), ('colour histogram', b.get('colour_histogram') or {}),
-           ('ImageNet ResNet', b.get('imagenet_resnet') or {})]
-    return [(n, d) for n, d in out if d.get('top_k_instance') is not None] + [('chance', m.get('retrieval_chance') or {})]
-
-_CATEGORY_ROWS = [('P@10 micro', 'p_at_10_micro'), ('P@10 macro', 'p_at_10_macro'), ('mAP micro', 'map_micro'),
-                  ('mAP macro', 'map_macro')]
-
-def _retrieval_table(m:dict)->str:
-    G, nq, names = m['gallery_size'], m.get('n_queries') or {}, _methods(m)
-    rows = []
-    for key, label in (('top_k_instance', 'top-{} instance'), ('top_k_category', "top-{} category (paper's reading)"),
-                       ('precision_at_k', 'P@{}')):
-        rows += [[label.format(k)] + [_get(d, key, k) for _, d in names] + [G] for k in m[key]]
-    rows.append(['mAP'] + [d.get('map') for _, d in names] + [G])
-    for part, sfx in (('all', ''), ('no_person', ' without person')):
-        rows += [[label + sfx] + [_get(d, 'category_retrieval', part, key) for _, d in names] + [G] for label, key in _CATEGORY_ROWS]
-    hub = [('top-10 slots of the most-returned 1% (k-occurrence)', 'top1pct_share'), ('max k-occurrence (top-10)', 'max_count')]
-    for label, key in hub:
-        rows.append([label] + [_get(d, 'hubness', 'max', key) if n != 'chance' else
-                               (_get(m, 'hubness', 'uniform_share') if key == 'top1pct_share' else None) for n, d in names] + [G])
-    g = m.get('gallery') or {}
-    parts = ', '.join(f"{Path(p['data']).name}/{p['split'] or ''}: {p['n_kept']} of {p['n_images']}" for p in g.get('parts', []))
-    return (f"\n### Retrieval\n\n{nq.get('retrieval')} object queries; gallery of {G} images"
-            + (f" ({parts}; {g.get('removed_training', 0)} removed as training images)" if parts else '') + ". Chance: exact "
-            "expectation under a uniformly random ranking. \"top-k category\" is the paper's reading: any of the top k "
-            "(source removed) holds the query's category.\n\n"
-            + markdown_table(['metric'] + [n for n, _ in names] + ['gallery size'], rows))
-
-def _score_table(m:dict)->str:
-    G, rows = m['gallery_size'], []
-    cols = [('top-1 instance', ('top_k_instance', '1')), ("top-10 category (paper's reading)", ('top_k_category', '10')),
-            ('P@10 micro', ('category_retrieval', 'all', 'p_at_10_micro')), ('P@10 macro', ('category_retrieval', 'all', 'p_at_10_macro')),
-            ('mAP micro', ('category_retrieval', 'all', 'map_micro')), ('mAP macro', ('category_retrieval', 'all', 'map_macro')),
-            ('P@10 macro w/o person', ('category_retrieval', 'no_person', 'p_at_10_macro'))]
-    for name, d in _methods(m)[:-1]:
-        for mode in ('max', *REDUCED_MODES):
-            f = d if mode == 'max' else _get(d, 'hubness_reduced', mode)
-            if not f: continue
-            label = 'max over cells (paper)' if mode == 'max' else f'{mode} (hubness-reduced)'
-            rows.append([name, label] + [_get(f, *path) for _, path in cols] +
-                        [_get(d, 'hubness', mode, 'top1pct_share'), _get(d, 'hubness', mode, 'max_count'), G])
-    ch = m.get('retrieval_chance') or {}
-    rows.append(['chance', '–'] + [_get(ch, *path) for _, path in cols] + [_get(m, 'hubness', 'uniform_share'), None, G])
-    return (f"\n### Retrieval by image score: the paper's max over cells and hubness-reduced scores\n\nReference queries: "
-            f"{(m.get('n_queries') or {}).get('reference', 0)} random crops of images outside the gallery. k-occurrence: "
-            "share of all top-10 slots taken by the most-returned 1% of the gallery, and the largest count.\n\n"
-            + markdown_table(['method', 'image score'] + [c for c, _ in cols] + ['top-1% share', 'max count', 'gallery size'], rows))
-
-def _category_table(m:dict)->str:
-    names = _methods(m)[:-1]
-    by = [{c['category_id']: c['p_at_10'] for c in d.get('per_category') or []} for _, d in names]
-    rows = [[c['category'], c['n_queries'], c.get('chance_p_at_10')] + [b.get(c['category_id']) for b in by]
-            for c in m.get('per_category') or []]
-    return (f"\n### P@10 of the {len(rows)} most frequent query categories\n\nGallery of {m['gallery_size']} images.\n\n"
-            + markdown_table(['category', 'queries', 'chance'] + [n for n, _ in names], rows))
-
-def metrics_markdown(m:dict)->str:   # result of `evaluate`
-    "Markdown tables of `evaluate`'s metrics, baselines beside each figure"
-    out = [_localization_table(m)]
-    if m.get('top_k_instance') is not None:
-        out.append(_retrieval_table(m))
-        if any(_get(d, 'hubness_reduced') for _, d in _methods(m)[:-1]) or m.get('hubness'): out.append(_score_table(m))
-        if m.get('per_category'): out.append(_category_table(m))
-    if m.get('loss') is not None:
-        ri = _get(m, 'baselines', 'random_init') or {}
-        out += [f"\n### Contrastive loss on the evaluation queries\n\nGallery of {m.get('gallery_size', '?')} images.\n\n" +
-                markdown_table(['', 'model', 'random init'], [[k, m.get(k), ri.get(k)] for k in ('avg_pos', 'avg_neg', 'loss')])]
-    if m.get('notes'): out += ['\n' + '\n'.join(f"- {k}: {v}" for k, v in m['notes'].items()) + '\n']
-    return ''.join(out)
-
-def per_category_csv(m:dict)->str:
-    "The per-category P@10 table as CSV: category_id, category, n_queries, chance, one column per method"
-    names = _methods(m)[:-1]
-    by = [{c['category_id']: c['p_at_10'] for c in d.get('per_category') or []} for _, d in names]
-    buf = io.StringIO(); w = csv.writer(buf, lineterminator='\n')
-    w.writerow(['category_id', 'category', 'n_queries', 'chance'] + [n.replace(' ', '_').lower() for n, _ in names])
-    for c in m.get('per_category') or []:
-        w.writerow([c['category_id'], c['category'], c['n_queries'], c.get('chance_p_at_10')] + [b.get(c['category_id'], '') for b in by])
-    return buf.getvalue()
 
 # %% ../nbs/06b_evaluate.ipynb #5b26c7d3
 def _root_split(text:str)->tuple:   # 'ROOT:SPLIT' -> (ROOT, SPLIT)
@@ -798,11 +418,7 @@ def _run(argv:list|None=None)->int:
     train_data, train_split = config.get('data'), config.get('split') or 'train2017'
     exclude = list(a.exclude_ids_from)
     if a.checkpoint and train_data and not a.no_exclude_training: exclude.append((train_data, train_split))
-    excluded, unnamed, sources = set(), 0, []
-    for path, split in exclude:
-        ids, bad = training_ids(path, split or 'train2017')
-        coco = str(path) == 'synthetic' or (Path(path).expanduser()/'annotations').is_dir()   # a split means something
-        excluded |= ids; unnamed += bad; sources.append(f"{path}:{split or 'train2017'}" if coco else str(path))
+    excluded, unnamed, sources = excluded_ids(exclude)
     parts = [(a.data, s) for s in a.split.split(',') if s] + list(a.gallery)
     gallery = open_gallery(parts, excluded)
     ref_data = a.reference_data or (train_data if a.checkpoint else None) or ('synthetic' if a.data == 'synthetic' else None)

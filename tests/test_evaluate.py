@@ -223,7 +223,7 @@ def test_category_chance_rates_brute_force():
 
 def test_gallery_disjoint_from_training_folder(tmp_path):
     "Images whose COCO id names a file of the training folder are removed and counted; the rest are all kept"
-    from learn_and_search.evaluate import open_gallery, training_ids
+    from learn_and_search.gallery import open_gallery, training_ids
     train = tmp_path / 'train'; train.mkdir()
     for name in ('000001000004.jpg', '000000000007.png', 'COCO_train2014_000001000010.jpg', 'cat.jpg'):
         (train / name).write_bytes(b'')
