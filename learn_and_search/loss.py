@@ -4,46 +4,17 @@
 
 # %% ../nbs/03_loss.ipynb #5e46090a
 from __future__ import annotations
-import math
+import functools, math, time
 from typing import NamedTuple
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
 from torch import Tensor
+from .grid import cell_boxes, cells_hit, positive_cells
+from .grid import cells_in_boxes   # not used here: importable from loss until tests/test_train.py imports grid
 
 # %% auto #0
-__all__ = ['MIN_TEMPERATURE', 'cell_centers', 'positive_cells', 'cells_in_boxes', 'LossOutput', 'nt_xent', 'AntXentLoss',
-           'ant_xent_reference']
-
-# %% ../nbs/03_loss.ipynb #4d6980f2
-def cell_centers(grid_hw:tuple,   # (H, W) grid size of a level
-                 image_size:int,  # side S of the square scene in pixels
-                 device=None, dtype=torch.float32)->Tensor:  # (H*W, 2) xy centres in scene pixels
-    "Centres of the cells of an `grid_hw` grid over an `image_size` square scene, row-major"
-    H, W = grid_hw
-    ys = (torch.arange(H, device=device, dtype=dtype) + 0.5) * image_size / H
-    xs = (torch.arange(W, device=device, dtype=dtype) + 0.5) * image_size / W
-    return torch.stack(torch.meshgrid(xs, ys, indexing='xy'), -1).reshape(-1, 2)  # (H, W, 2) -> (H*W, 2)
-
-def positive_cells(boxes:Tensor,   # (B, 4) xywh in scene pixels
-                   grid_hw:tuple,  # (H, W)
-                   image_size:int, # S
-                  )->Tensor:       # (B,) long flat index of the cell holding each box centre
-    "Flat index of the cell that contains each box's centre"
-    H, W = grid_hw
-    cx, cy = boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2
-    j = torch.floor(cx * W / image_size).long().clamp(0, W - 1)
-    i = torch.floor(cy * H / image_size).long().clamp(0, H - 1)
-    return i * W + j
-
-def cells_in_boxes(boxes:Tensor,   # (B, 4) xywh in scene pixels
-                   grid_hw:tuple,  # (H, W)
-                   image_size:int, # S
-                  )->Tensor:       # (B, H*W) bool
-    "Whether each cell's centre lies inside (or on the edge of) each box"
-    c = cell_centers(grid_hw, image_size, boxes.device, boxes.dtype if boxes.is_floating_point() else torch.float32)
-    x, y, w, h = (boxes[:, k:k + 1] for k in range(4))                       # each (B, 1)
-    cx, cy = c[:, 0], c[:, 1]                                                # each (H*W,)
-    return (cx >= x) & (cx <= x + w) & (cy >= y) & (cy <= y + h)
+__all__ = ['MIN_TEMPERATURE', 'LossOutput', 'LevelLayout', 'level_layout', 'anchor_masks', 'ant_xent_logits', 'AntXentLoss',
+           'ant_xent_reference', 'loss_inputs', 'time_loss']
 
 # %% ../nbs/03_loss.ipynb #dfd344e3
 MIN_TEMPERATURE = 1e-4
@@ -60,15 +31,44 @@ def _check_temperature(t):
         raise ValueError(f"temperature must be a number >= {MIN_TEMPERATURE}, got {t!r}")
     return float(t)
 
-def nt_xent(query:Tensor,      # (B, D) query embeddings
-            positives:Tensor,  # (B, D) their positives; the other rows are the negatives
-            temperature:float=0.1)->Tensor:  # scalar
-    "Plain NT-Xent / InfoNCE: each query against all `positives`, its own one being the target"
-    t = _check_temperature(temperature)
-    with torch.autocast(query.device.type, enabled=False):
-        dt = torch.promote_types(query.dtype, torch.float32)
-        q, p = F.normalize(query.to(dt), dim=1), F.normalize(positives.to(dt), dim=1)
-        return F.cross_entropy(q @ p.T / t, torch.arange(len(q), device=q.device))
+# %% ../nbs/03_loss.ipynb #c89c3bbc
+class LevelLayout(NamedTuple):
+    "Where each level's cells sit among the `N = sum(H*W)` concatenated cells, and their corners"
+    sizes:tuple        # ((H, W), ...) one per level, in order
+    heights:Tensor     # (L, 1) long H of each level
+    widths:Tensor      # (L, 1) long W of each level
+    offsets:Tensor     # (L,) long: column of each level's first cell
+    corners:Tensor     # (N, 4) x0, y0, x1, y1 of every cell in scene pixels, levels concatenated
+    pad_index:Tensor   # (L, M) long: column of the m-th cell of level l (M = largest H*W; 0 on padding)
+    pad_valid:Tensor   # (L, M) bool: False on padding
+
+@functools.lru_cache(maxsize=64)
+def _level_layout(sizes:tuple, image_size:float, device:str, dtype:torch.dtype)->LevelLayout:
+    n = [H * W for H, W in sizes]
+    hw = torch.tensor(sizes, device=device)                                              # (L, 2)
+    offsets = torch.tensor([0, *n[:-1]], device=device).cumsum(0)                       # (L,)
+    corners = torch.cat([cell_boxes(s, image_size, device, dtype) for s in sizes])      # L x (H*W, 4) -> (N, 4)
+    m = torch.arange(max(n), device=device)                                              # (M,)
+    pad_valid = m < torch.tensor(n, device=device)[:, None]                              # (L, M)
+    pad_index = torch.where(pad_valid, offsets[:, None] + m, 0)                          # (L, M)
+    return LevelLayout(sizes, hw[:, :1], hw[:, 1:], offsets, corners, pad_index, pad_valid)
+
+def level_layout(sizes,            # ((H, W), ...) grid size of each level
+                 image_size:float, # side S of the square scenes
+                 device=None, dtype=torch.float32,
+                )->LevelLayout:    # cached: the same object for the same arguments (do not modify its tensors)
+    "The `LevelLayout` of levels of `sizes` over an `image_size` scene"
+    sizes = tuple((int(H), int(W)) for H, W in sizes)
+    return _level_layout(sizes, float(image_size), str(torch.device(device or 'cpu')), dtype)
+
+def anchor_masks(boxes:Tensor,        # (B, 4) xywh crop boxes in scene pixels
+                 layout:LevelLayout,  # from `level_layout`
+                 image_size:float,    # S
+                )->tuple:             # pos (B, L) long column of each positive; ok (B, N) bool anchor negatives
+    "Each query's positive cell on every level, and which cells are its anchor negatives"
+    pos = positive_cells(boxes, (layout.heights, layout.widths), image_size).T + layout.offsets   # (L, B) -> (B, L)
+    ok = ~cells_hit(layout.corners, boxes[:, None])                      # (N, 4) x (B, 1, 4) -> (B, N): centre outside
+    return pos, ok.scatter_(1, pos, False)                               # the positive is never a negative
 
 # %% ../nbs/03_loss.ipynb #fcc304b1
 def _gather(x:Tensor)->Tensor:
@@ -76,17 +76,72 @@ def _gather(x:Tensor)->Tensor:
     import torch.distributed.nn.functional as dist_fn
     return torch.cat(dist_fn.all_gather(x), 0)
 
+def ant_xent_logits(q:Tensor,          # (B, D) unit query embeddings
+                    cells:Tensor,      # (B, D, N) cell embeddings of every level, concatenated (any norm)
+                    pos:Tensor,        # (B, L) long: column of each query's positive on each level
+                    anchor_ok:Tensor,  # (B, N) bool: the anchor negatives
+                    layout:LevelLayout,
+                    target:Tensor,     # (B,) long: column of each query's own positive among the (gathered) positives
+                    inter_image:bool=True,   # the other images' positives are negatives
+                    gather:bool=False,       # gather the positives from every rank
+                    anchor_negatives:int|None=None,  # K: keep the K best-scored anchor negatives per query and level
+                    scores:Tensor|None=None, # (B, L, M) random scores in [0, 1) ranking the anchor negatives
+                   )->tuple:           # sims (B, L, C) cosine similarities, ok (B, L, C) bool; C = B_all + (M or K)
+    "Every level's candidates for each query, the level as a batch dimension: the positives of all images, then its own cells"
+    B, D, N = cells.shape
+    L = pos.shape[1]
+    norm = cells.norm(dim=1).clamp_min(1e-12)                            # (B, N), as `F.normalize`
+    anchor = torch.bmm(q[:, None], cells)[:, 0] / norm                   # (B, 1, D) @ (B, D, N) -> (B, N)
+    positives = cells.gather(2, pos[:, None].expand(B, D, L)) / norm.gather(1, pos)[:, None]   # (B, D, L)
+    keys = positives.transpose(1, 2)                                     # (B, D, L) -> (B, L, D)
+    keys = _gather(keys) if gather else keys                             # (B_all, L, D)
+    # one (B, D) x (D, B_all * L) matmul: its gradient for the keys is contiguous, as gloo's all_gather backward needs
+    inter = (q @ keys.flatten(0, 1).T).view(B, -1, L).transpose(1, 2)    # (B, B_all * L) -> (B, L, B_all)
+    if inter_image: inter_ok = torch.ones_like(inter, dtype=torch.bool)
+    else: inter_ok = torch.zeros_like(inter[:, :1], dtype=torch.bool).scatter_(2, target[:, None, None], True).expand_as(inter)
+    anchor = anchor[:, layout.pad_index]                                 # (B, N) -> (B, L, M), M = largest H*W
+    ok = anchor_ok[:, layout.pad_index] & layout.pad_valid               # (B, L, M)
+    if anchor_negatives is not None:                                     # K anchor negatives per query and level
+        idx = scores.masked_fill(~ok, -1.).topk(min(anchor_negatives, ok.shape[2]), dim=2).indices  # (B, L, K) valid first
+        anchor, ok = anchor.gather(2, idx), ok.gather(2, idx)            # (B, L, K) each
+    return torch.cat([inter, anchor], 2), torch.cat([inter_ok, ok], 2)   # (B, L, C) each
+
+# %% ../nbs/03_loss.ipynb #aac118fb
+def _diagnostics(sims:Tensor, ok:Tensor, target:Tensor)->tuple:   # (B, L, C), (B, L, C), (B,) -> (avg_pos, avg_neg)
+    pos = sims.gather(2, target[:, None, None].expand(-1, sims.shape[1], 1))[..., 0]      # (B, L)
+    neg_sum = (sims * ok).sum((0, 2)) - pos.sum(0)                       # (L,): every candidate but the positive
+    neg_n = ok.sum((0, 2)) - len(sims)                                   # (L,)
+    return pos.mean(), (neg_sum / neg_n.clamp_min(1)).mean()             # mean over levels of each level's mean
+
+def _ant_xent(query:Tensor, grids:tuple, boxes:Tensor, image_size:float, layout:LevelLayout, target:Tensor,
+              temperature:float, inter_image:bool, gather:bool, anchor_negatives:int|None, scores:Tensor|None,
+             )->tuple:   # per-level losses (L,), avg_pos, avg_neg (detached scalars)
+    "The loss from checked inputs (grids: L x (B, D, H, W)); autocast off; the part `torch.compile` may fuse"
+    dt = torch.promote_types(query.dtype, torch.float32)
+    q = F.normalize(query.to(dt), dim=1)                                         # (B, D)
+    cells = torch.cat([g.flatten(2).to(dt) for g in grids], 2)                   # L x (B, D, H, W) -> (B, D, N)
+    pos, anchor_ok = anchor_masks(boxes.to(q.device, dt), layout, image_size)    # (B, L), (B, N)
+    sims, ok = ant_xent_logits(q, cells, pos, anchor_ok, layout, target, inter_image, gather,
+                               anchor_negatives, scores)                         # (B, L, C) each
+    B, L = sims.shape[:2]
+    logits = (sims / temperature).masked_fill(~ok, float('-inf'))               # (B, L, C)
+    losses = F.cross_entropy(logits.flatten(0, 1), target.repeat_interleave(L), reduction='none')  # (B*L,)
+    with torch.no_grad(): avg_pos, avg_neg = _diagnostics(sims, ok, target)
+    return losses.view(B, L).mean(0), avg_pos, avg_neg                           # (B, L) -> (L,)
+
 class AntXentLoss(nn.Module):
     "Anchor-based NT-Xent over every pyramid level (see the equation above)"
     def __init__(self, temperature:float=0.1,   # softmax temperature, >= `MIN_TEMPERATURE`
                  anchor_negatives:int|None=None, # None = every cell outside the box; K = K of them drawn per query
                  inter_image:bool=True,          # use the other images' positives as negatives
-                 gather:bool|None=None):         # gather positives across ranks; None = when world size > 1
+                 gather:bool|None=None,          # gather positives across ranks; None = when world size > 1
+                 compile:bool=False):            # `torch.compile` the loss (single process only; eager when gathering)
         super().__init__()
         self.temperature = _check_temperature(temperature)
         if anchor_negatives is not None and not (isinstance(anchor_negatives, int) and anchor_negatives >= 0):
             raise ValueError(f"anchor_negatives must be None or an int >= 0, got {anchor_negatives!r}")
         self.anchor_negatives, self.inter_image, self.gather = anchor_negatives, inter_image, gather
+        self.compiled = torch.compile(_ant_xent, dynamic=False) if compile else None
 
     def _rank_world(self):
         on = dist.is_available() and dist.is_initialized()
@@ -95,13 +150,14 @@ class AntXentLoss(nn.Module):
         use = (world > 1) if self.gather is None else bool(self.gather)
         return (dist.get_rank(), use) if use else (0, False)
 
-    def _sample(self, valid, generator):
-        "Keep `anchor_negatives` random valid cells per row: (B, K) indices and their validity"
-        k = min(self.anchor_negatives, valid.shape[1])
-        dev = generator.device if generator is not None else valid.device
-        score = torch.rand(valid.shape, generator=generator, device=dev).to(valid.device)
-        idx = score.masked_fill(~valid, -1.).topk(k, dim=1).indices         # valid cells first, in random order
-        return idx, valid.gather(1, idx)
+    @staticmethod
+    def _check(query, grids, boxes):
+        B, D = query.shape
+        if boxes.shape != (B, 4): raise ValueError(f"boxes must be ({B}, 4) to match query {tuple(query.shape)}, got {tuple(boxes.shape)}")
+        if not grids: raise ValueError("grids is empty: need at least one level")
+        for level, g in grids.items():
+            if g.ndim != 4 or g.shape[:2] != (B, D):
+                raise ValueError(f"grids[{level!r}] must be ({B}, {D}, H, W), got {tuple(g.shape)}")
 
     def forward(self, query:Tensor,  # (B, D) query embeddings
                 grids:dict,          # level -> (B, D, H, W) scene grid embeddings
@@ -109,43 +165,20 @@ class AntXentLoss(nn.Module):
                 image_size:int,      # side S of the square scenes
                 generator:torch.Generator|None=None,  # for sampling anchor negatives
                )->LossOutput:
-        B, D = query.shape
-        if boxes.shape != (B, 4): raise ValueError(f"boxes must be ({B}, 4) to match query {tuple(query.shape)}, got {tuple(boxes.shape)}")
-        if not grids: raise ValueError("grids is empty: need at least one level")
+        self._check(query, grids, boxes)
         rank, gather = self._rank_world()
-        t, dev = self.temperature, query.device
+        B, dev = len(query), query.device
+        layout = level_layout([g.shape[-2:] for g in grids.values()], image_size, dev, torch.promote_types(query.dtype, torch.float32))
+        scores = None
+        if self.anchor_negatives is not None:                            # one random score per query, level and cell
+            shape = (B, *layout.pad_index.shape)                         # (B, L, M)
+            scores = torch.rand(shape, generator=generator, device=generator.device if generator is not None else dev).to(dev)
+        target = torch.arange(B, device=dev) + rank * B                  # (B,) own positive's column
+        fn = self.compiled if self.compiled is not None and not gather else _ant_xent
         with torch.autocast(dev.type, enabled=False):
-            dt = torch.promote_types(query.dtype, torch.float32)
-            q, boxes = F.normalize(query.to(dt), dim=1), boxes.to(dev, dt)
-            rows = torch.arange(B, device=dev)
-            target = rows + rank * B                                              # own positive's column
-            per_level, pos_sims, neg_means = {}, [], []
-            for level, g in grids.items():
-                if g.ndim != 4 or g.shape[:2] != (B, D):
-                    raise ValueError(f"grids[{level!r}] must be ({B}, {D}, H, W), got {tuple(g.shape)}")
-                H, W = g.shape[-2:]
-                cells = F.normalize(g.to(dt).flatten(2), dim=1)                   # (B, D, H, W) -> (B, D, HW)
-                pos = positive_cells(boxes, (H, W), image_size)                   # (B,)
-                positives = cells[rows, :, pos]                                   # (B, D)
-                keys = _gather(positives) if gather else positives                # (B_all, D)
-                inter = q @ keys.T                                                # (B, B_all) cosine similarities
-                inter_ok = torch.ones_like(inter, dtype=torch.bool) if self.inter_image else \
-                           torch.zeros_like(inter, dtype=torch.bool).scatter_(1, target[:, None], True)
-                anchor = torch.einsum('bd,bdn->bn', q, cells)                     # (B, HW)
-                anchor_ok = ~cells_in_boxes(boxes, (H, W), image_size)
-                anchor_ok[rows, pos] = False                                      # the positive is never a negative
-                if self.anchor_negatives is not None:
-                    idx, anchor_ok = self._sample(anchor_ok, generator)           # (B, K) each
-                    anchor = anchor.gather(1, idx)
-                sims, ok = torch.cat([inter, anchor], 1), torch.cat([inter_ok, anchor_ok], 1)
-                loss = F.cross_entropy((sims / t).masked_fill(~ok, float('-inf')), target)
-                per_level[level] = loss
-                is_neg = ok.clone(); is_neg[rows, target] = False
-                pos_sims.append(inter[rows, target].mean())
-                neg_means.append((sims * is_neg).sum() / is_neg.sum().clamp_min(1))
-            total = torch.stack(list(per_level.values())).mean()
-        return LossOutput(total, torch.stack(pos_sims).mean().detach(), torch.stack(neg_means).mean().detach(),
-                          {k: v.detach() for k, v in per_level.items()})
+            per_level, avg_pos, avg_neg = fn(query, tuple(grids.values()), boxes, image_size, layout, target,
+                                             self.temperature, self.inter_image, gather, self.anchor_negatives, scores)
+        return LossOutput(per_level.mean(), avg_pos, avg_neg, dict(zip(grids, per_level.detach().unbind())))
 
 # %% ../nbs/03_loss.ipynb #4fdae120
 def ant_xent_reference(query:Tensor, grids:dict, boxes:Tensor, image_size:int,
@@ -155,23 +188,52 @@ def ant_xent_reference(query:Tensor, grids:dict, boxes:Tensor, image_size:int,
     level_losses = []
     for g in grids.values():
         B, D, H, W = g.shape
-        cells = F.normalize(g.to(q.dtype), dim=1)
-        ys, xs = torch.meshgrid((torch.arange(H) + 0.5) * image_size / H, (torch.arange(W) + 0.5) * image_size / W, indexing='ij')
-        pos = []
-        for b in range(B):
-            x, y, w, h = boxes[b].tolist()
-            i, j = min(max(math.floor((y + h / 2) * H / image_size), 0), H - 1), min(max(math.floor((x + w / 2) * W / image_size), 0), W - 1)
-            pos.append((i, j))
+        cells = F.normalize(g.to(q.dtype), dim=1).flatten(2)                          # (B, D, H*W)
+        pos = [int(positive_cells(boxes[b:b + 1], (H, W), image_size)) for b in range(B)]
         losses = []
         for b in range(B):
-            x, y, w, h = boxes[b].tolist()
-            i, j = pos[b]
-            p = q[b] @ cells[b, :, i, j]
-            others = [q[b] @ cells[o, :, pos[o][0], pos[o][1]] for o in range(B) if o != b] if inter_image else []
-            outside = ~((xs >= x) & (xs <= x + w) & (ys >= y) & (ys <= y + h))
-            outside[i, j] = False
-            anchors = (q[b] @ cells[b].reshape(D, -1))[outside.flatten().to(q.device)]
+            p = q[b] @ cells[b, :, pos[b]]
+            others = [q[b] @ cells[o, :, pos[o]] for o in range(B) if o != b] if inter_image else []
+            outside = ~cells_in_boxes(boxes[b:b + 1], (H, W), image_size)[0]          # (H*W,) centre outside the box
+            outside[pos[b]] = False
+            anchors = (q[b] @ cells[b])[outside.to(q.device)]
             logits = torch.cat([p[None], *(o[None] for o in others), anchors]) / temperature
             losses.append(-torch.log_softmax(logits, 0)[0])
         level_losses.append(torch.stack(losses).mean())
     return torch.stack(level_losses).mean()
+
+# %% ../nbs/03_loss.ipynb #c9ed4124
+def loss_inputs(batch:int=32,        # B
+                dim:int=256,         # D
+                image_size:int=256,  # S: grids of P3.. at strides 8, 16, 32, ... (ceil(S / stride) cells a side)
+                levels:int=5,        # how many levels from P3
+                device='cpu', dtype=torch.float32, seed:int=0,
+                requires_grad:bool=True,  # leaf query and grids, so that a backward pass can be timed
+               )->tuple:             # (query (B, D), grids level -> (B, D, H, W), boxes (B, 4), S)
+    "Random unit embeddings and boxes with the model's grid sizes at `image_size`, for timing the loss alone"
+    g = torch.Generator().manual_seed(seed)
+    sizes = [math.ceil(image_size / 2 ** k) for k in range(3, 3 + levels)]
+    unit = lambda *s: F.normalize(torch.randn(*s, generator=g), dim=1).to(device, dtype).requires_grad_(requires_grad)
+    grids = {f'P{k + 3}': unit(batch, dim, n, n) for k, n in enumerate(sizes)}
+    wh = (0.1 + 0.4 * torch.rand(batch, 2, generator=g)) * image_size
+    boxes = torch.cat([torch.rand(batch, 2, generator=g) * (image_size - wh), wh], 1).to(device)
+    return unit(batch, dim), grids, boxes, image_size
+
+def time_loss(loss_fn,              # e.g. `AntXentLoss()`, called as loss_fn(query, grids, boxes, image_size)
+              inputs:tuple,         # from `loss_inputs`
+              steps:int=10,         # timed calls
+              warmup:int=2,         # untimed calls first
+              backward:bool=True,   # time forward + backward
+             )->dict:               # ms: median milliseconds per call; ms_all: each timed call
+    "Time `loss_fn` alone on `inputs`, synchronizing the device around each call"
+    query, grids, boxes, S = inputs
+    sync = torch.cuda.synchronize if query.device.type == 'cuda' else (lambda: None)
+    times = []
+    for _ in range(warmup + steps):
+        sync(); t0 = time.perf_counter()
+        out = loss_fn(query, grids, boxes, S)
+        if backward: out.loss.backward()
+        sync(); times.append(1000 * (time.perf_counter() - t0))
+        for x in (query, *grids.values()): x.grad = None
+    timed = times[warmup:]
+    return dict(ms=sorted(timed)[len(timed) // 2], ms_all=timed, steps=steps, backward=backward)

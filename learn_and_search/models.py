@@ -10,12 +10,12 @@ import torchvision.models as tvm
 from torch import Tensor
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-from .augment import PRESETS, Preset, get_preset
+from .checkpoint import load_checkpoint, read_torch_file
 
 # %% auto #0
-__all__ = ['LEVELS', 'ARCHS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'check_arch', 'imagenet_weights', 'build_resnet', 'ImageNetNorm',
-           'CropEncoder', 'check_levels', 'SceneEncoder', 'similarity_maps', 'LearnAndSearch', 'create_model',
-           'load_model']
+__all__ = ['LEVELS', 'ARCHS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'PRESET_NAMES', 'PROJECTION_HEAD_PRESETS', 'MODEL_CONFIG_KEYS',
+           'check_arch', 'imagenet_weights', 'build_resnet', 'ImageNetNorm', 'CropEncoder', 'check_levels',
+           'SceneEncoder', 'similarity_maps', 'LearnAndSearch', 'create_model', 'random_init_model', 'load_model']
 
 # %% ../nbs/04_models.ipynb #7076d214
 LEVELS = ('P3', 'P4', 'P5', 'P6', 'P7')        # FPN levels, nominal strides 8, 16, 32, 64, 128
@@ -41,8 +41,9 @@ def build_resnet(arch:str='resnet18',  # one of `ARCHS`
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} not found (weights must be None, 'imagenet' or a state_dict path)")
+    state = read_torch_file(path, 'cpu', what='weights file')     # one-line ValueError if corrupt or hostile
     model = getattr(tvm, arch)(weights=None)
-    try: model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+    try: model.load_state_dict(state)
     except (RuntimeError, AttributeError, TypeError) as e:
         raise ValueError(f"weights file {str(path)!r} is not a {arch} state_dict: {str(e)[:300]}") from e
     return model
@@ -128,38 +129,70 @@ class LearnAndSearch(nn.Module):
         return similarity_maps(*self(crops, scenes))
 
 # %% ../nbs/04_models.ipynb #8a7e3a0d
-def create_model(preset:str|Preset='model1',  # preset name (model4/robust add projection heads)
+PRESET_NAMES = ('model1', 'model2', 'model3', 'model4', 'robust')   # the paper's presets (augment.PRESETS has their recipes)
+PROJECTION_HEAD_PRESETS = ('model4', 'robust')                       # those trained with MLP projection heads
+
+def _preset_name(preset)->str:
+    return preset if isinstance(preset, str) else getattr(preset, 'name', preset)   # a name, or an object with `.name`
+
+def create_model(preset:str='model1',         # preset name the model is trained under (recorded in `config`)
                  arch:str='resnet18',         # one of `ARCHS`
                  dim:int=256,                 # embedding dimension
                  weights:str|Path|None=None,  # None (random), 'imagenet', or a ResNet state_dict path (both trunks)
                  levels:tuple=LEVELS,         # pyramid levels to embed
                  image_size:int=256,          # recorded in `config` for evaluation and search
                  query_size:int=64,           # recorded in `config`
+                 projection_head:bool|None=None,  # MLP heads on both branches; None = `preset in PROJECTION_HEAD_PRESETS`
                 )->LearnAndSearch:
     "Build a `LearnAndSearch` model for `preset` on an `arch` backbone"
-    p = get_preset(preset)
+    name = _preset_name(preset)
+    if projection_head is None:
+        if name not in PRESET_NAMES:
+            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESET_NAMES)} (or pass projection_head)")
+        projection_head = name in PROJECTION_HEAD_PRESETS
+    if not isinstance(name, str) or not name: raise ValueError(f"preset must be a non-empty name, got {name!r}")
     check_arch(arch)
     if not (isinstance(dim, int) and dim >= 1): raise ValueError(f"dim must be a positive int, got {dim!r}")
-    config = dict(preset=p.name, arch=arch, dim=dim, levels=list(check_levels(levels)), projection_head=p.projection_head,
+    head = bool(projection_head)
+    config = dict(preset=name, arch=arch, dim=dim, levels=list(check_levels(levels)), projection_head=head,
                   image_size=image_size, query_size=query_size, weights=None if weights is None else str(weights))
-    return LearnAndSearch(CropEncoder(arch, dim, p.projection_head, weights),
-                          SceneEncoder(arch, dim, p.projection_head, weights, levels), config)
+    return LearnAndSearch(CropEncoder(arch, dim, head, weights), SceneEncoder(arch, dim, head, weights, levels), config)
 
+MODEL_CONFIG_KEYS = ('preset', 'arch', 'dim', 'levels', 'image_size', 'query_size', 'projection_head')
+
+def _model_kwargs(cfg:dict)->dict:   # a stored model config -> `create_model` keyword arguments (random weights)
+    kw = {k: cfg[k] for k in MODEL_CONFIG_KEYS if k in cfg and cfg[k] is not None}
+    if 'dim' in kw: kw['dim'] = int(kw['dim'])
+    if 'levels' in kw: kw['levels'] = tuple(kw['levels'])
+    return kw
+
+def random_init_model(config:dict|None=None,  # a model config (`model.config`, a checkpoint's 'config'); None = defaults
+                      seed:int=0,             # fixes the initialization
+                      **overrides,            # fields of `MODEL_CONFIG_KEYS` replacing those of `config`
+                     )->LearnAndSearch:       # in eval mode, random weights whatever `config['weights']` says
+    "The model `config` describes at a random initialization fixed by `seed` (the global RNG is left untouched)"
+    bad = [k for k in overrides if k not in MODEL_CONFIG_KEYS]
+    if bad: raise ValueError(f"random_init_model: unknown config fields {bad}; valid: {', '.join(MODEL_CONFIG_KEYS)}")
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"random_init_model: config must be a dict or None, got {type(config).__name__}")
+    kw = _model_kwargs({**(config or {}), **overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_model(**kw).eval()
+
+# %% ../nbs/04_models.ipynb #4a891a42
 def load_model(checkpoint_path:str|Path,  # a checkpoint dict with 'model' (state_dict) and 'config'
                map_location='cpu',        # device for the weights (and the model)
               )->LearnAndSearch:          # in eval mode
-    "Rebuild a model from a training checkpoint (read with `weights_only=True`)"
+    "Rebuild a model from a training checkpoint (read by `checkpoint.load_checkpoint`)"
     path = Path(checkpoint_path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not (isinstance(ckpt, dict) and 'model' in ckpt and 'config' in ckpt):
+    ckpt = load_checkpoint(path, map_location)       # weights_only; one-line ValueError if missing, corrupt or hostile
+    if not ('model' in ckpt and 'config' in ckpt):
         raise ValueError(f"{str(path)!r} is not a learn_and_search checkpoint: needs keys 'model' and 'config'")
     cfg = ckpt['config']
     missing = [k for k in ('preset', 'arch', 'dim') if k not in cfg]
     if missing: raise ValueError(f"checkpoint {str(path)!r}: config lacks {missing}")
-    preset = cfg['preset'] if cfg['preset'] in PRESETS else Preset(cfg['preset'], projection_head=bool(cfg.get('projection_head')))
-    model = create_model(preset, cfg['arch'], int(cfg['dim']), None, tuple(cfg.get('levels', LEVELS)),
-                         cfg.get('image_size', 256), cfg.get('query_size', 64))
+    model = create_model(**_model_kwargs(cfg))
     state = {k.replace('_orig_mod.', '').removeprefix('module.'): v for k, v in ckpt['model'].items()}  # compile / DDP
     try: model.load_state_dict(state)
     except RuntimeError as e: raise ValueError(f"checkpoint {str(path)!r} does not match its config: {str(e)[:300]}") from e

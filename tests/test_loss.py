@@ -24,7 +24,10 @@ def worker(rank, init_file, out_dir):
         g = {k: v[sl].clone().requires_grad_() for k, v in grids.items()}
         out = AntXentLoss(temperature=0.2)(q, g, boxes[sl], S)          # gather=None: on, since world size is 2
         out.loss.backward()
-        torch.save({'loss': out.loss.detach(), 'q_grad': q.grad, 'g_grad': {k: v.grad for k, v in g.items()}},
+        with torch.no_grad():   # compile=True falls back to the eager loss when positives are gathered across ranks
+            compiled = AntXentLoss(temperature=0.2, compile=True)(q, g, boxes[sl], S).loss
+        torch.save({'loss': out.loss.detach(), 'q_grad': q.grad, 'g_grad': {k: v.grad for k, v in g.items()},
+                    'compiled_loss': compiled},
                    os.path.join(out_dir, f'rank{rank}.pt'))
     finally:
         dist.destroy_process_group()
@@ -40,6 +43,7 @@ def test_gathered_loss_equals_single_process():
         res = [torch.load(os.path.join(tmp, f'rank{r}.pt'), weights_only=True) for r in range(2)]
     # DDP averages over ranks: the mean of the per-rank losses is the global loss
     torch.testing.assert_close((res[0]['loss'] + res[1]['loss']) / 2, ref.loss.detach())
+    for r in range(2): torch.testing.assert_close(res[r]['compiled_loss'], res[r]['loss'])
     # each rank's gradient (own loss + other ranks' losses through all_gather) is world_size x the global-loss gradient,
     # so DDP's average of parameter gradients equals the single-process gradient
     for r in range(2):
