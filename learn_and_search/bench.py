@@ -7,16 +7,19 @@ __all__ = ['BENCHMARKS', 'main']
 
 # %% ../nbs/09_bench.ipynb #bbd6e98f
 import importlib, sys
+from .utils import script_entry
 
 # %% ../nbs/09_bench.ipynb #975c7e9b
 BENCHMARKS = {'train': 'learn_and_search.bench_train', 'search': 'learn_and_search.bench_search'}
 
 def main(argv:list|None=None, # command line: benchmark name, then its own flags
-        ):
+        ):                    # the benchmark's exit status
     "Run the benchmark named by the first argument, passing it the remaining ones"
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in BENCHMARKS:
         raise SystemExit(f"usage: python -m learn_and_search.bench {{{','.join(BENCHMARKS)}}} [options] (got {argv[:1] or 'nothing'})")
     return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
 
-if __name__ == '__main__' and not hasattr(sys, 'ps1') and 'ipykernel' not in sys.modules: main()
+# %% ../nbs/09_bench.ipynb #7b60f3fb
+#| eval: false
+script_entry(__name__, main)   # `python -m learn_and_search.bench` (not run under nbdev_test: see utils)
