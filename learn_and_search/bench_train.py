@@ -47,7 +47,7 @@ def bench_setting(image_size:int=256, batch_size:int=16, query_size:int=64, pres
     torch.manual_seed(seed)
     model = create_model(preset, arch=arch, image_size=image_size, query_size=query_size).to(dev).train()
     model = model.to(memory_format=torch.channels_last)
-    augment, loss_fn = QueryAugment(preset, query_size).to(dev), AntXentLoss()
+    augment, loss_fn = QueryAugment(preset, query_size).to(dev), AntXentLoss(compile=dev.type == 'cuda')   # fused loss compiled on GPUs
     opt, sched = make_optimizer(model, TrainConfig(), total_steps=10**6)
     g = torch.Generator().manual_seed(seed)
     scenes = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, generator=g).to(dev)

@@ -410,7 +410,8 @@ def _build(config:TrainConfig, device, total_steps:int, fresh:bool=True)->tuple:
                          levels=tuple(config.levels), image_size=config.image_size, query_size=config.query_size).to(device)
     model = model.to(memory_format=torch.channels_last)   # NHWC: what cuDNN and oneDNN convolutions prefer
     augment = QueryAugment(get_preset(config.preset), config.query_size).to(device)
-    loss_fn = AntXentLoss(temperature=config.temperature, anchor_negatives=config.anchor_negatives)
+    loss_fn = AntXentLoss(temperature=config.temperature, anchor_negatives=config.anchor_negatives,
+                          compile=config.compile)   # --compile compiles the fused loss too (eager when gathering across ranks)
     return (model, augment, loss_fn, *make_optimizer(model, config, total_steps))
 
 def _checkpoint_state(s:RunState)->dict:
