@@ -2,10 +2,11 @@
 VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
-PRESET ?= smoke
+PRESET ?=
+SCALE  ?= $(if $(PRESET),$(PRESET),smoke)
 DATA   ?=
 
-.PHONY: install reproduce test export readme
+.PHONY: install reproduce test export readme gpu-stage
 
 install: $(VENV)/.installed
 
@@ -16,16 +17,21 @@ $(VENV)/.installed: settings.ini setup.py constraints.txt
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
-reproduce: install
-	$(VENV)/bin/las-reproduce --preset $(PRESET) $(if $(DATA),--data $(DATA),)
+reproduce: install  ## SCALE=smoke|mini|gpu|paper (PRESET= is the deprecated name of SCALE=)
+	$(if $(PRESET),@echo "make: PRESET= is deprecated: use SCALE=$(PRESET)" >&2,)
+	$(VENV)/bin/las-reproduce --scale $(SCALE) $(if $(DATA),--data $(DATA),)
 
-test: install
+test: install  ## every notebook and tests/: about 12-15 minutes on 2 CPU cores
 	$(PY) tests/run_all.py
 
 export: install
 	$(VENV)/bin/nbdev_export && $(VENV)/bin/nbdev_clean
 
-readme: install  ## README.md is generated from nbs/index.ipynb (outputs kept)
+gpu-stage:  ## copy the gpu scale's data into data/ (git-ignored) for a device run: carry ["data"], run scripts/gpu_run.sh
+	bash scripts/gpu_stage.sh
+
+readme: install  ## README.md is generated from nbs/index.ipynb (outputs kept, stderr dropped)
 	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace nbs/index.ipynb
+	$(PY) -c "import json,sys; p='nbs/index.ipynb'; nb=json.load(open(p)); [c.__setitem__('outputs', [o for o in c['outputs'] if o.get('name') != 'stderr']) for c in nb['cells'] if c['cell_type'] == 'code']; open(p, 'w').write(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')"
 	$(VENV)/bin/nbdev_clean --fname nbs/index.ipynb
 	$(VENV)/bin/jupyter nbconvert --to markdown --stdout nbs/index.ipynb > README.md

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08a_figures.ipynb #5caeef98
 from __future__ import annotations
-import io, json, math, os, platform, tempfile
+import csv, io, json, os
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 import matplotlib
@@ -13,50 +13,73 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 from matplotlib.patches import Rectangle
 from PIL import Image
+from .grid import cell_boxes, cell_centers
 from .models import LEVELS
+from .utils import atomic_write, atomic_write_json, describe_machine, frame_markdown
 
 # %% auto #0
-__all__ = ['COLUMNS', 'KS', 'PAPER_CLAIMS', 'sga_table', 'retrieval_table', 'read_log', 'loss_table', 'write_atomic',
-           'markdown_table', 'write_table', 'plot_loss_dynamics', 'plot_sga', 'similarity_examples', 'plot_heatmaps',
-           'image_categories', 'topk_examples', 'plot_topk', 'save_figure', 'machine', 'headline', 'verdict',
-           'readme_text']
+__all__ = ['COLUMNS', 'KS', 'CATEGORY_COLUMNS', 'PAPER_CLAIMS', 'sga_table', 'with_intervals', 'retrieval_table',
+           'category_table', 'per_category_table', 'read_log', 'loss_table', 'write_table', 'run_tables',
+           'write_tables', 'write_rows', 'plot_loss_dynamics', 'plot_sga', 'similarity_examples', 'save_examples',
+           'load_examples', 'plot_heatmaps', 'quantile_picks', 'topk_examples', 'topk_record', 'load_topk', 'plot_topk',
+           'save_figure', 'headline', 'verdict', 'readme_text', 'read_run', 'results_readme', 'render_run']
 
 # %% ../nbs/08a_figures.ipynb #03282f06
 COLUMNS = list(LEVELS) + ['all']
 
-def _v(d, *keys):
+def _nested(d, *keys):
     "`d[k0][k1]...`, or None where a key is missing"
     for k in keys: d = d.get(k) if isinstance(d, dict) else None
     return d
 
-def sga_table(metrics:dict,            # model name -> `evaluate` metrics (JSON round-tripped)
-              protocol:str='standard', # 'standard' or 'hard' query protocol
-             )->pd.DataFrame:          # rows: models, their random-init twins, references; columns: levels + all
-    "Layer-wise SGA of every model beside its random-init twin, chance, template matching and ImageNet features"
+def _sga_rows(metrics:dict, protocol:str)->dict:
+    "Row name -> (rates {level: SGA}, intervals {level: [lo, hi]}) of the SGA table"
     if protocol not in ('standard', 'hard'): raise ValueError(f"protocol must be 'standard' or 'hard', got {protocol!r}")
     sfx = '' if protocol == 'standard' else '_hard'
     rows = {}
     for name, m in metrics.items():
-        rows[name] = m.get('sga' + sfx) or {}
-        rows[f'{name} random init'] = m.get('riga' + sfx) or {}
+        rows[name] = (m.get('sga' + sfx) or {}, m.get(f'sga{sfx}_ci') or {})
+        rows[f'{name} random init'] = (m.get('riga' + sfx) or {}, m.get(f'riga{sfx}_ci') or {})
     first = next(iter(metrics.values()))
-    rows['chance'] = {k: v for k, v in (first.get('chance_sga') or {}).items() if k in COLUMNS}
-    tm = _v(first, 'baselines', 'template_matching', 'sga' + sfx)
-    if tm is not None: rows['template matching (NCC)'] = {'all': tm}
-    inet = _v(first, 'baselines', 'imagenet_resnet', 'sga' + sfx, 'all')
-    if inet is not None: rows['ImageNet ResNet features'] = {'all': inet}
-    df = pd.DataFrame.from_dict(rows, orient='index').reindex(columns=COLUMNS).astype(float)
+    rows['chance'] = ({k: v for k, v in (first.get('chance_sga') or {}).items() if k in COLUMNS}, {})
+    tm = _nested(first, 'baselines', 'template_matching')
+    if tm and tm.get('sga' + sfx) is not None:
+        rows['template matching (NCC)'] = ({'all': tm['sga' + sfx]}, {'all': tm.get(f'sga{sfx}_ci')} if tm.get(f'sga{sfx}_ci') else {})
+    inet = _nested(first, 'baselines', 'imagenet_resnet')
+    if _nested(inet, 'sga' + sfx, 'all') is not None:
+        rows['ImageNet ResNet features'] = ({'all': inet['sga' + sfx]['all']}, {'all': _nested(inet, f'sga{sfx}_ci', 'all')} if _nested(inet, f'sga{sfx}_ci', 'all') else {})
+    return rows
+
+def sga_table(metrics:dict,            # model name -> `evaluate` metrics (JSON round-tripped)
+              protocol:str='standard', # 'standard' or 'hard' query protocol
+              intervals:bool=False,    # add `<level> lo` / `<level> hi` columns: the 95% interval
+             )->pd.DataFrame:          # rows: models, their random-init twins, references; columns: levels + all
+    "Layer-wise SGA of every model beside its random-init twin, chance, template matching and ImageNet features"
+    rows = _sga_rows(metrics, protocol)
+    df = pd.DataFrame.from_dict({n: r for n, (r, _) in rows.items()}, orient='index').reindex(columns=COLUMNS).astype(float)
+    if intervals:
+        for c in COLUMNS:
+            df[f'{c} lo'] = [(ci.get(c) or [np.nan, np.nan])[0] for _, ci in rows.values()]
+            df[f'{c} hi'] = [(ci.get(c) or [np.nan, np.nan])[1] for _, ci in rows.values()]
+        df = df[[x for c in COLUMNS for x in (c, f'{c} lo', f'{c} hi')]].astype(float)
     df.index.name = 'model'
     return df
+
+def with_intervals(df:pd.DataFrame, digits:int=3)->pd.DataFrame:   # from `sga_table(..., intervals=True)`
+    "`value [lo, hi]` strings per level, for Markdown: each SGA beside its 95% interval"
+    cols = [c for c in df.columns if not c.endswith((' lo', ' hi'))]
+    fmt = lambda v, lo, hi: '–' if pd.isna(v) else f'{v:.{digits}f}' + ('' if pd.isna(lo) else f' [{lo:.{digits - 1}f}, {hi:.{digits - 1}f}]')
+    out = pd.DataFrame({c: [fmt(*r) for r in zip(df[c], df[f'{c} lo'], df[f'{c} hi'])] for c in cols}, index=df.index)
+    return out
 
 # %% ../nbs/08a_figures.ipynb #13b04093
 KS = ('1', '5', '10')
 
 def _retrieval_row(m:dict)->dict:
     "top-k (both readings), precision@k and mAP of one metrics dict"
-    row = {f'top-{k} instance': _v(m, 'top_k_instance', k) for k in KS}
-    row |= {f'top-{k} category': _v(m, 'top_k_category', k) for k in KS}
-    row |= {f'P@{k}': _v(m, 'precision_at_k', k) for k in KS}
+    row = {f'top-{k} instance': _nested(m, 'top_k_instance', k) for k in KS}
+    row |= {f'top-{k} category': _nested(m, 'top_k_category', k) for k in KS}
+    row |= {f'P@{k}': _nested(m, 'precision_at_k', k) for k in KS}
     return row | {'mAP': m.get('map')}
 
 def retrieval_table(metrics:dict)->pd.DataFrame:   # model name -> `evaluate` metrics (JSON round-tripped)
@@ -65,15 +88,64 @@ def retrieval_table(metrics:dict)->pd.DataFrame:   # model name -> `evaluate` me
     if first.get('top_k_instance') is None: return pd.DataFrame(columns=list(_retrieval_row({})) + ['gallery'])
     for name, m in metrics.items():
         rows[name] = _retrieval_row(m)
-        ri = _v(m, 'baselines', 'random_init')
+        ri = _nested(m, 'baselines', 'random_init')
         if ri: rows[f'{name} random init'] = _retrieval_row(ri)
     b = first.get('baselines') or {}
     if b.get('colour_histogram'): rows['colour histogram'] = _retrieval_row(b['colour_histogram'])
-    if _v(b, 'imagenet_resnet', 'top_k_instance'): rows['ImageNet ResNet features'] = _retrieval_row(b['imagenet_resnet'])
+    if _nested(b, 'imagenet_resnet', 'top_k_instance'): rows['ImageNet ResNet features'] = _retrieval_row(b['imagenet_resnet'])
     if first.get('retrieval_chance'): rows['chance'] = _retrieval_row(first['retrieval_chance'])
     df = pd.DataFrame.from_dict(rows, orient='index').astype(float)
     df['gallery'] = int(first.get('gallery_size') or 0)
     df.index.name = 'model'
+    return df
+
+CATEGORY_COLUMNS = {'P@10 micro': ('all', 'p_at_10_micro'), 'P@10 macro': ('all', 'p_at_10_macro'),
+                    'mAP micro': ('all', 'map_micro'), 'mAP macro': ('all', 'map_macro'),
+                    'P@10 micro, no person': ('no_person', 'p_at_10_micro'), 'P@10 macro, no person': ('no_person', 'p_at_10_macro'),
+                    'mAP micro, no person': ('no_person', 'map_micro'), 'mAP macro, no person': ('no_person', 'map_macro')}
+
+def _category_row(m:dict|None, hub:dict|None)->dict:
+    "Category-retrieval metrics and hubness of one method block"
+    row = {c: _nested(m, 'category_retrieval', part, key) for c, (part, key) in CATEGORY_COLUMNS.items()}
+    return row | {'max k-occurrence': _nested(hub, 'max_count'), 'top-1% share of top-10': _nested(hub, 'top1pct_share')}
+
+def category_table(metrics:dict)->pd.DataFrame:   # model name -> `evaluate` metrics (JSON round-tripped)
+    "Category P@10 and mAP (micro, macro, without person) and hubness of every method and score, with chance"
+    first = next(iter(metrics.values()))
+    if first.get('category_retrieval') is None: return pd.DataFrame(columns=[*CATEGORY_COLUMNS, 'max k-occurrence',
+                                                                             'top-1% share of top-10', 'gallery'])
+    rows = {}
+    for name, m in metrics.items():
+        rows[f'{name} (max score)'] = _category_row(m, _nested(m, 'hubness', 'max'))
+        for mode, block in (m.get('hubness_reduced') or {}).items():
+            if block: rows[f'{name} ({mode} score)'] = _category_row(block, _nested(m, 'hubness', mode))
+        ri = _nested(m, 'baselines', 'random_init')
+        if ri: rows[f'{name} random init'] = _category_row(ri, _nested(ri, 'hubness', 'max'))
+    b = first.get('baselines') or {}
+    for key, label in (('colour_histogram', 'colour histogram'), ('imagenet_resnet', 'ImageNet ResNet features')):
+        if _nested(b, key, 'category_retrieval'): rows[label] = _category_row(b[key], _nested(b, key, 'hubness', 'max'))
+    if _nested(first, 'retrieval_chance', 'category_retrieval'):
+        rows['chance'] = _category_row(first['retrieval_chance'], None) | {'top-1% share of top-10': _nested(first, 'hubness', 'uniform_share')}
+    df = pd.DataFrame.from_dict(rows, orient='index').astype(float)
+    df['max k-occurrence'] = df['max k-occurrence'].astype('Int64')
+    df['gallery'] = int(first.get('gallery_size') or 0)
+    df.index.name = 'method'
+    return df
+
+# %% ../nbs/08a_figures.ipynb #744d688a
+def per_category_table(metrics:dict)->pd.DataFrame:   # model name -> `evaluate` metrics (JSON round-tripped)
+    "P@10 per category (the 20 with most retrieval queries) of every model, its twin and the colour histogram, with chance"
+    first = next(iter(metrics.values()))
+    base = first.get('per_category') or []
+    if not base: return pd.DataFrame(columns=['category', 'n_queries', 'chance'])
+    df = pd.DataFrame({'category': [c['category'] for c in base], 'n_queries': [c['n_queries'] for c in base],
+                       'chance': [c.get('chance_p_at_10') for c in base]}, index=[c['category_id'] for c in base])
+    def add(label, rows):
+        if rows: df[label] = pd.Series({c['category_id']: c['p_at_10'] for c in rows})
+    for name, m in metrics.items():
+        add(name, m.get('per_category')); add(f'{name} random init', _nested(m, 'baselines', 'random_init', 'per_category'))
+    add('colour histogram', _nested(first, 'baselines', 'colour_histogram', 'per_category'))
+    df.index.name = 'category_id'
     return df
 
 # %% ../nbs/08a_figures.ipynb #0bb9eb3f
@@ -91,7 +163,7 @@ def loss_table(metrics:dict,    # model name -> `evaluate` metrics
     rows = {}
     for name, m in metrics.items():
         last = logs[name].iloc[-1] if name in logs and len(logs[name]) else {}
-        ri = _v(m, 'baselines', 'random_init') or {}
+        ri = _nested(m, 'baselines', 'random_init') or {}
         rows[name] = {'train steps': last.get('step'), 'train loss': last.get('loss'), 'train avg_pos': last.get('avg_pos'),
                       'train avg_neg': last.get('avg_neg'), 'eval loss': m.get('loss'), 'eval avg_pos': m.get('avg_pos'),
                       'eval avg_neg': m.get('avg_neg'), 'random init eval loss': ri.get('loss'),
@@ -102,29 +174,33 @@ def loss_table(metrics:dict,    # model name -> `evaluate` metrics
     return df
 
 # %% ../nbs/08a_figures.ipynb #5f6090dd
-def write_atomic(path, data:str|bytes)->Path:
-    "Write `data` to `path` through a temporary file in the same folder, then rename"
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    with os.fdopen(fd, 'wb') as f: f.write(data.encode() if isinstance(data, str) else data)
-    os.chmod(tmp, 0o644)   # mkstemp makes it private; these are ordinary result files
-    os.replace(tmp, path)
-    return path
-
-def markdown_table(df:pd.DataFrame, digits:int=3)->str:
-    "`df` (index included) as a GitHub Markdown table; missing values show as –"
-    fmt = lambda v: '–' if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else (
-        f'{v:.{digits}f}' if isinstance(v, (float, np.floating)) else str(v))
-    head = [df.index.name or ''] + [str(c) for c in df.columns]
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    lines += ['| ' + ' | '.join([str(i)] + [fmt(v) for v in row]) + ' |' for i, row in zip(df.index, df.itertuples(index=False))]
-    return '\n'.join(lines) + '\n'
-
-def write_table(df:pd.DataFrame, stem)->tuple:
-    "Write `df` to `stem`.csv and `stem`.md; returns both paths"
+def write_table(df:pd.DataFrame, stem,
+                shown:pd.DataFrame|None=None,  # what the Markdown shows instead of `df` (e.g. `with_intervals(df)`)
+               )->tuple:
+    "Write `df` to `stem`.csv and (`shown` or `df`) to `stem`.md atomically; returns both paths"
     stem = Path(stem)
-    return (write_atomic(stem.with_suffix('.csv'), df.to_csv(float_format='%.4f')),
-            write_atomic(stem.with_suffix('.md'), markdown_table(df)))
+    return (atomic_write(stem.with_suffix('.csv'), df.to_csv(float_format='%.4f')),
+            atomic_write(stem.with_suffix('.md'), frame_markdown(df if shown is None else shown)))
+
+def run_tables(metrics:dict, logs:dict={})->dict:   # model name -> `evaluate` metrics, -> `read_log` DataFrame
+    "stem -> (table for the CSV, table for the Markdown) of every table of a run"
+    sga = {p: sga_table(metrics, p, intervals=True) for p in ('standard', 'hard')}
+    return dict(headline=(headline(metrics), None),
+                sga_standard=(sga['standard'], with_intervals(sga['standard'])), sga_hard=(sga['hard'], with_intervals(sga['hard'])),
+                retrieval=(retrieval_table(metrics), None), category_retrieval=(category_table(metrics), None),
+                per_category=(per_category_table(metrics), None),
+                loss=(loss_table(metrics, logs), None))
+
+def write_tables(tables:dict, out)->list:   # from `run_tables`
+    "Write every table of `tables` into folder `out` as CSV and Markdown; returns the paths"
+    return [p for stem, (t, shown) in tables.items() for p in write_table(t, Path(out)/stem, shown)]
+
+def write_rows(rows:list, path)->Path:
+    "Write `rows` (dicts, e.g. `evaluate`'s per-query rows) to `path` as CSV, atomically; a key a row lacks is empty"
+    buf, names = io.StringIO(), list(dict.fromkeys(k for r in rows for k in r))   # every key, in first-seen order
+    w = csv.DictWriter(buf, fieldnames=names, restval='', lineterminator='\n')
+    w.writeheader(); w.writerows(rows)
+    return atomic_write(path, buf.getvalue())
 
 # %% ../nbs/08a_figures.ipynb #7f80d370
 def plot_loss_dynamics(logs:dict,       # model name -> `read_log` DataFrame (step, loss, avg_pos, avg_neg)
@@ -150,26 +226,34 @@ def plot_sga(metrics:dict,             # model name -> `evaluate` metrics
              protocol:str='standard',  # 'standard' or 'hard'
              title:str|None=None,
             )->plt.Figure:
-    "Grouped SGA bars per level and model, with random init, chance and template matching as references"
-    t = sga_table(metrics, protocol)
+    "Grouped SGA bars per level and model with their 95% intervals, random init, chance and template matching as references"
+    t = sga_table(metrics, protocol, intervals=True)
     models = list(metrics)
-    long = t.loc[models].reset_index().melt(id_vars='model', var_name='level', value_name='SGA')
+    long = t.loc[models, COLUMNS].reset_index().melt(id_vars='model', var_name='level', value_name='SGA')
     fig, ax = plt.subplots(figsize=(10, 4.5), constrained_layout=True)
-    sns.barplot(long, x='level', y='SGA', hue='model', order=COLUMNS, hue_order=models, ax=ax)
+    sns.barplot(long, x='level', y='SGA', hue='model', order=COLUMNS, hue_order=models, ax=ax, errorbar=None)
     w = 0.8 / len(models)
     for j, m in enumerate(models):
         x = np.arange(len(COLUMNS)) - 0.4 + w * (j + 0.5)
+        v, lo, hi = (t.loc[m, [f'{c}{s}' for c in COLUMNS]].values.astype(float) for s in ('', ' lo', ' hi'))
+        ok = ~np.isnan(lo)
+        if ok.any(): ax.errorbar(x[ok], v[ok], yerr=[v[ok] - lo[ok], hi[ok] - v[ok]], fmt='none', ecolor='black', elinewidth=1,
+                                 capsize=2, label='95% interval' if j == 0 else None)
         ax.scatter(x, t.loc[f'{m} random init', COLUMNS].values, marker='_', s=300 * w, color='black', zorder=3,
                    label='random init (same model)' if j == 0 else None)
     first = next(iter(metrics.values()))
-    refs = [('chance (box area)', _v(first, 'chance_sga', 'area'), 'grey', '--'),
-            ('template matching (NCC)', t['all'].get('template matching (NCC)'), 'tab:red', ':'),
-            ('ImageNet ResNet features', t['all'].get('ImageNet ResNet features'), 'tab:purple', '-.')]
-    for name, v, c, ls in refs:
-        if v is not None and not np.isnan(v): ax.axhline(v, color=c, ls=ls, lw=1.5, label=f'{name}: {v:.2f}')
+    refs = [('chance (box area)', _nested(first, 'chance_sga', 'area'), None, 'grey', '--'),
+            ('template matching (NCC)', t['all'].get('template matching (NCC)'), t['all lo'].get('template matching (NCC)'), 'tab:red', ':'),
+            ('ImageNet ResNet features', t['all'].get('ImageNet ResNet features'), t['all lo'].get('ImageNet ResNet features'), 'tab:purple', '-.')]
+    for name, v, lo, c, ls in refs:
+        if v is None or np.isnan(v): continue
+        ax.axhline(v, color=c, ls=ls, lw=1.5, label=f'{name}: {v:.2f}')
+        if lo is not None and not np.isnan(lo):
+            ax.axhspan(lo, t['all hi'].get(name), color=c, alpha=0.12, lw=0)
+    n_img = _nested(first, 'gallery', 'size') or first.get('gallery_size')
     ax.set(ylim=(0, 1.05), xlabel='FPN level (all = argmax over every level)', ylabel='SGA (share of queries found)',
-           title=title or f"Layer-wise SGA, {protocol} queries ({_v(first, 'n_queries', 'localization')} queries, "
-                          f"{first.get('gallery_size')} images)")
+           title=title or f"Layer-wise SGA, {protocol} queries ({_nested(first, 'n_queries', 'localization')} queries on "
+                          f"{n_img} images; bars: 95% interval)")
     ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize=8)
     return fig
 
@@ -202,9 +286,28 @@ def similarity_examples(model,              # a `LearnAndSearch`
 def _best_cell(maps:dict, image_size:int)->tuple:
     "Centre (x, y) in scene pixels and level of the highest-similarity cell over all levels"
     level = max(maps, key=lambda k: float(maps[k].max()))
-    m = maps[level]; H, W = m.shape
-    i, j = divmod(int(m.argmax()), W)
-    return ((j + 0.5) * image_size / W, (i + 0.5) * image_size / H), level
+    m = maps[level]
+    x, y = cell_centers(tuple(m.shape), image_size)[int(m.argmax())].tolist()
+    return (x, y), level
+
+def save_examples(examples:list, path)->Path:   # from `similarity_examples`
+    "Write `examples` to `path` (.npz): scenes, crops, boxes and each level's maps, no pickled objects"
+    arrays = dict(scene=torch.stack([e['scene'] for e in examples]).numpy(),
+                  crop=torch.stack([e['crop'] for e in examples]).numpy(),
+                  box=torch.stack([torch.as_tensor(e['box']).float() for e in examples]).numpy())
+    for lv in examples[0]['maps']: arrays[f'map_{lv}'] = torch.stack([e['maps'][lv] for e in examples]).half().numpy()
+    buf = io.BytesIO(); np.savez_compressed(buf, **arrays)
+    return atomic_write(path, buf.getvalue())
+
+def load_examples(path)->list:
+    "The examples `save_examples` wrote to `path`, as `similarity_examples` returns them (maps as float32)"
+    try: z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e: raise ValueError(f"cannot read heatmap data {path}: {e}") from None
+    with z:
+        levels = [k[4:] for k in z.files if k.startswith('map_')]
+        return [dict(scene=torch.from_numpy(z['scene'][i]), crop=torch.from_numpy(z['crop'][i]),
+                     box=torch.from_numpy(z['box'][i]), maps={lv: torch.from_numpy(z[f'map_{lv}'][i]).float() for lv in levels})
+                for i in range(len(z['scene']))]
 
 def plot_heatmaps(examples:list, title:str='Similarity heatmaps')->plt.Figure:   # from `similarity_examples`
     "Per example: query crop, scene with true box and best cell, one similarity map per level over the scene"
@@ -230,41 +333,118 @@ def plot_heatmaps(examples:list, title:str='Similarity heatmaps')->plt.Figure:  
     return fig
 
 # %% ../nbs/08a_figures.ipynb #81a9e6f6
-def image_categories(images)->dict:
-    "image_id -> set of category ids, from a `CocoImages`' annotations"
-    return {int(i): {int(a['category_id']) for a in images.coco.imgToAnns.get(i, [])} for i in images.ids}
+def quantile_picks(ranks:list, n:int)->list:
+    "Indices of the `n` items at evenly spaced quantiles of `ranks` (ascending, ties by index): best, ..., median, ..., worst"
+    order = sorted(range(len(ranks)), key=lambda i: (ranks[i], i))
+    return [order[int(j)] for j in np.linspace(0, len(order) - 1, min(n, len(order))).round()]
 
+@torch.no_grad()
+def _gallery_grids(model, images, G:int, image_size:int, device, batch_size:int)->dict:
+    "level -> (G, D, H, W) L2-normalized cell embeddings of the first `G` images, on `device`"
+    from learn_and_search.data import resize_square
+    parts = []
+    for s in range(0, G, batch_size):
+        x = torch.stack([resize_square(images[i]['image'], image_size) for i in range(s, min(G, s + batch_size))])
+        parts.append(model.embed_scenes(x.to(device).float() / 255))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+@torch.no_grad()
 def topk_examples(model,               # a `LearnAndSearch`
-                  images,              # a `CocoImages` (the gallery; needs annotations)
-                  n:int=4,             # number of queries
+                  images,              # the gallery: a `CocoImages` or a `gallery.Gallery` (needs annotations)
+                  n:int=4,             # number of queries shown (picked by `quantile_picks` of the source rank)
                   k:int=10,            # results per query
                   image_size:int=256,  # scene side S
                   max_images:int|None=None,  # gallery = the first `max_images` images
                   device='cpu',
-                 )->list:              # n dicts: crop, category, source image_id, results (+ 'correct', 'source')
-    "Search `n` ground-truth object crops in the gallery and mark each result correct or not"
+                  batch_size:int=16,   # scenes per forward pass
+                 )->list:              # n dicts: crop, category, image_id, index, box, source_rank, n_queries, results
+    "Score every object query against the gallery; the top-k (image, best-cell box, score, correct) of `n` picked queries"
     from learn_and_search.data import object_queries, resize_square
-    from learn_and_search.search import SearchIndex
     from learn_and_search.augment import crop_queries
     G = len(images) if max_images is None else min(max_images, len(images))
-    gallery = torch.utils.data.Subset(images, range(G))
     model = model.eval().to(device)
-    index = SearchIndex.build(model, gallery, levels=model.levels, image_size=image_size, device=device, progress=False)
-    qs = [q for q in object_queries(images, image_size) if q['index'] < G]
+    qs = images.object_queries(image_size, G) if hasattr(images, 'object_queries') else object_queries(images, image_size)
+    qs = [q for q in qs if q['index'] < G]
     if not qs: raise ValueError(f"no object queries in the first {G} images of {images!r}")
-    pick = [qs[int(i)] for i in np.linspace(0, len(qs) - 1, min(n, len(qs))).round()]
-    cats, qsize = image_categories(images), index.query_size
+    grids = _gallery_grids(model, images, G, image_size, device, batch_size)          # level -> (G, D, H, W)
+    crops, emb = [], []
+    for s in range(0, len(qs), batch_size):
+        part = qs[s:s + batch_size]
+        scenes = torch.stack([resize_square(images[q['index']]['image'], image_size) for q in part]).float() / 255
+        c = crop_queries(scenes, torch.stack([torch.as_tensor(q['box']).float() for q in part]), model.config['query_size'])
+        crops.append((c * 255).round().byte()); emb.append(model.embed_queries(c.to(device)).cpu())
+    crops, emb = torch.cat(crops), torch.cat(emb)                                   # (Q, 3, q, q), (Q, D)
+    Q, chunk = len(qs), 64
+    best, level, cell = torch.empty(Q, G), torch.empty(Q, G, dtype=torch.long), torch.empty(Q, G, dtype=torch.long)
+    for s in range(0, Q, chunk):                                                    # bounds memory at chunk * G * H * W
+        e, b = emb[s:s + chunk].to(device), None
+        for j, g in enumerate(grids.values()):
+            v, ci = torch.einsum('qd,gdn->qgn', e, g.flatten(2)).max(-1)            # (q, G, H*W) -> best cell (q, G)
+            if b is None: b, l, c = v, torch.zeros_like(ci), ci
+            else:
+                better = v > b
+                b, l, c = torch.where(better, v, b), torch.where(better, j, l), torch.where(better, ci, c)
+        best[s:s + chunk], level[s:s + chunk], cell[s:s + chunk] = b.cpu(), l.cpu(), c.cpu()
+    src = torch.tensor([q['index'] for q in qs])
+    ranks = (best > best[torch.arange(len(qs)), src][:, None]).sum(1) + 1           # (Q,) 1-based source rank
+    levels = list(grids)
     out = []
-    for q in pick:
-        scene = resize_square(images[q['index']]['image'], image_size)
-        box = torch.as_tensor(q['box']).float()
-        res = index.search(scene, box.tolist(), k=min(k, G))
-        for r in res: r['correct'], r['source'] = int(q['category_id']) in cats[int(r['image_id'])], r['image_id'] == q['image_id']
-        crop = (crop_queries(scene[None].float() / 255, box[None], qsize)[0] * 255).round().byte()
-        out.append(dict(crop=crop, category=images.categories[int(q['category_id'])], image_id=q['image_id'], results=res))
+    for i in quantile_picks(ranks.tolist(), n):
+        q, res = qs[i], []
+        for g in best[i].topk(min(k, G)).indices.tolist():
+            lv = levels[int(level[i, g])]
+            H, W = grids[lv].shape[-2:]
+            x0, y0, x1, y1 = cell_boxes((H, W), image_size)[int(cell[i, g])].tolist()
+            item = images[g]
+            h0, w0 = item['image'].shape[-2:]
+            sx, sy = w0 / image_size, h0 / image_size                              # scene px -> image px
+            res.append(dict(index=g, image_id=item['image_id'], score=float(best[i, g]), level=lv,
+                            box=[x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy],
+                            correct=int(q['category_id']) in set(item['category_ids'].tolist()), source=g == q['index']))
+        out.append(dict(crop=crops[i], category=images.categories[int(q['category_id'])], category_id=int(q['category_id']),
+                        image_id=q.get('image_id'), index=int(q['index']), box=torch.as_tensor(q['box']).tolist(),
+                        source_rank=int(ranks[i]), n_queries=Q, results=res))
     return out
 
 # %% ../nbs/08a_figures.ipynb #1d524149
+def _relative_file(images, i:int)->str:
+    "Path of gallery image `i` relative to its data root (what `load_topk` joins to `data`)"
+    if hasattr(images, 'file'): return images.file(i)       # a `gallery.Gallery`
+    p, root = Path(images.paths[i]), Path(images.root)
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+
+def topk_record(examples:list, images, image_size:int)->dict:   # from `topk_examples`
+    "`examples` as JSON-able data (files, ids, boxes, scores; no pixels): what `topk.json` holds"
+    add_file = lambda r: {**r, 'file': _relative_file(images, r['index'])}
+    return dict(image_size=image_size, rule='quantiles of the source rank (best-found to worst-found)',
+                n_object_queries=examples[0]['n_queries'] if examples else 0,
+                queries=[{**add_file({k: v for k, v in e.items() if k not in ('crop', 'results')}),
+                          'results': [add_file(r) for r in e['results']]} for e in examples])
+
+def _data_root(data)->Path:
+    "The folder the files of a `topk_record` are relative to: `data`, or the synthetic set's folder"
+    if str(data) == 'synthetic':
+        from learn_and_search.synthetic import synthetic_coco
+        return Path(synthetic_coco())
+    return Path(data)
+
+def load_topk(path, data, query_size:int)->list:
+    "The `topk_examples` saved at `path`, their pixels reloaded from the evaluation data root `data`"
+    from learn_and_search.data import load_image, resize_square
+    from learn_and_search.augment import crop_queries
+    try: rec = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e: raise ValueError(f"cannot read top-k data {path}: {e}") from None
+    S, root, out = rec['image_size'], _data_root(data), []
+    def image(file):
+        if not (root/file).is_file():
+            raise ValueError(f"{path}: image {file} is not under {root}: pass the evaluation data of the run")
+        return load_image(root/file)
+    for q in rec['queries']:
+        scene = resize_square(image(q['file']), S)
+        crop = (crop_queries(scene[None].float() / 255, torch.tensor([q['box']]).float(), query_size)[0] * 255).round().byte()
+        out.append({**q, 'crop': crop, 'results': [{**r, 'image': image(r['file'])} for r in q['results']]})
+    return out
+
 def _thumbnail(img:torch.Tensor, side:int=160)->torch.Tensor:   # uint8 (3, H, W) -> uint8 (3, h, w), longer side <= `side`
     "`img` shrunk (antialiased) so that its longer side is at most `side`: keeps the grid PNG small"
     H, W = img.shape[-2:]
@@ -272,21 +452,22 @@ def _thumbnail(img:torch.Tensor, side:int=160)->torch.Tensor:   # uint8 (3, H, W
     size = (max(1, round(H * side / max(H, W))), max(1, round(W * side / max(H, W))))
     return torch.nn.functional.interpolate(img[None].float(), size=size, mode='bilinear', antialias=True)[0].round().clamp(0, 255).byte()
 
-def plot_topk(examples:list,            # from `topk_examples`
+def plot_topk(examples:list,            # from `topk_examples` (with images) or `load_topk`
               title:str='Top-10 retrieval',
+              images=None,              # the gallery, where `examples` carry indices instead of pixels
              )->plt.Figure:
     "One row per query: the query crop, then its results with their best box, correct ones framed green and ticked"
-    from learn_and_search.data import load_image
     n, k = len(examples), max(len(e['results']) for e in examples)
     fig, axs = plt.subplots(n, k + 1, figsize=(1.6 * (k + 1), 1.85 * n), squeeze=False, constrained_layout=True)
     for ax in axs.flat: ax.set_xticks([]); ax.set_yticks([])
     for r, ex in enumerate(examples):
         axs[r, 0].imshow(ex['crop'].permute(1, 2, 0).numpy())
         axs[r, 0].set_title(f"query: {ex['category']}", fontsize=9, fontweight='bold')
+        if 'source_rank' in ex: axs[r, 0].set_xlabel(f"source rank {ex['source_rank']}", fontsize=7)
         for j in range(k): axs[r, j + 1].axis('off')
         for j, res in enumerate(ex['results']):
             ax = axs[r, j + 1]; ax.axis('on')
-            img = load_image(res['image'])                                 # (3, H, W)
+            img = res['image'] if 'image' in res else images[res['index']]['image']   # (3, H, W)
             H, W = img.shape[-2:]
             ax.imshow(_thumbnail(img).permute(1, 2, 0).numpy(), extent=(0, W, H, 0))   # box stays in image pixels
             x, y, w, h = res['box']
@@ -308,18 +489,9 @@ def save_figure(fig:plt.Figure, stem, svg:bool=False, palette:bool=False, dpi:in
         if ext == 'png' and palette:
             im, buf = Image.open(buf).convert('RGB').quantize(256, method=Image.Quantize.MEDIANCUT), io.BytesIO()
             im.save(buf, 'PNG', optimize=True)
-        paths.append(write_atomic(stem.with_suffix('.' + ext), buf.getvalue()))
+        paths.append(atomic_write(stem.with_suffix('.' + ext), buf.getvalue()))
     plt.close(fig)
     return paths
-
-def machine(device:str='cpu')->str:
-    "The CPU model and core count, plus the GPU name when `device` is a CUDA device"
-    cpu = platform.processor() or platform.machine()
-    try: cpu = next(l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name'))
-    except (OSError, StopIteration): pass
-    out = f"{cpu}, {os.cpu_count()} cores"
-    if str(device).startswith('cuda') and torch.cuda.is_available(): out += f"; GPU {torch.cuda.get_device_name(torch.device(device))}"
-    return out
 
 # %% ../nbs/08a_figures.ipynb #ba1aec69
 PAPER_CLAIMS = {'sga': 0.84, 'top10': 0.71}   # "SGA up to 84%", "top-10 accuracy up to 71%" (arXiv 2403.07231)
@@ -376,7 +548,148 @@ def readme_text(title:str,        # first heading
     lines += [f'| {k} | {v} |' for k, v in setup.items()]
     for s in sections:
         lines += ['', f"## {s['heading']}", '', f"*Paper:* {s['claim']}", '']
-        if s.get('table') is not None: lines += [markdown_table(s['table'])]
+        if s.get('table') is not None: lines += [frame_markdown(s['table'])]
         lines += s.get('notes', [])
         lines += [f"![{s['heading']}]({f})" for f in s.get('figures', [])]
     return '\n'.join(lines).rstrip() + '\n'
+
+# %% ../nbs/08a_figures.ipynb #962a936b
+def read_run(runs,          # run folder: train/<model>/{config.json,metrics.jsonl}, eval/<model>/metrics.json, <step>.json
+             models:list,   # models of the run, in plot order
+            )->dict:        # metrics, logs, configs (model -> ...), records (step -> record), runs (Path)
+    "The logs, configurations, metrics and step records of a run folder"
+    runs = Path(runs)
+    def load(p):
+        try: return json.loads(p.read_text())
+        except (OSError, ValueError) as e: raise ValueError(f"run folder {runs}: cannot read {p}: {e}") from None
+    return dict(runs=runs, metrics={m: load(runs/'eval'/m/'metrics.json') for m in models},
+                logs={m: read_log(runs/'train'/m/'metrics.jsonl') for m in models},
+                configs={m: load(runs/'train'/m/'config.json') for m in models},
+                records={p.stem: load(p) for p in sorted(runs.glob('*.json'))})
+
+def _shown(p)->str:
+    "A data path as the README shows it: relative to the working folder (the repository) when close by"
+    if p in (None, 'synthetic'): return str(p)
+    r = os.path.relpath(p)
+    return r if not r.startswith('../..') else str(p)
+
+def _training_data(cfg:dict)->str:
+    "One line naming a run's training data"
+    d = cfg['data']
+    s = ('embedded synthetic scenes, ' + cfg['split'] if d == 'synthetic' else
+         f"{_shown(d)} {cfg['split']} (labels unused)" if (Path(d)/'annotations').is_dir() else f"{_shown(d)} (unlabeled images)")
+    return s + (f", first {cfg['limit_images']}" if cfg.get('limit_images') else '')
+
+def _pairs(cfg:dict, log:pd.DataFrame)->int:
+    "Image pairs a model saw: its last logged step times the batch"
+    steps = int(log['step'].iloc[-1]) if len(log) and 'step' in log else int(cfg.get('steps') or 0)
+    return steps * int(cfg['batch_size'])
+
+# %% ../nbs/08a_figures.ipynb #fce3bc2f
+def results_readme(run:dict,       # from `read_run`
+                   tables:dict,    # from `run_tables`
+                   figures:list,   # file names of the figures written
+                   grid:str,       # scale name, for titles
+                   about:str,      # one line on the scale
+                   command:str,    # the command that regenerates the folder (Markdown)
+                   data:str, split:str, seed:int, k:int=10,
+                   paper_scale:bool=False,  # the full-length scale: no "short run" note
+                  )->str:
+    "The README of a folder of results: setup, then each paper claim beside our table and figures"
+    models, metrics, logs, configs, records = list(run['metrics']), run['metrics'], run['logs'], run['configs'], run['records']
+    first, cfg = metrics[models[0]], configs[models[0]]
+    G, src = first['gallery_size'], first.get('source') or {}
+    pairs = {m: _pairs(configs[m], logs[m]) for m in models}
+    secs = lambda kind: sum(r.get('elapsed_s', 0) for n, r in records.items() if n.startswith(kind))
+    runners = sorted({r.get('runner', 'papermill') for n, r in records.items() if n.startswith(('train-', 'evaluate-'))})
+    setup = {
+        'scale': f"`{grid}`: {about}",
+        'command': command,
+        'models': ', '.join(models) + f" ({cfg['arch']}, embedding {cfg['dim']}, random init, no labels)",
+        'training data': _training_data(cfg),
+        'training length': ', '.join(f"{m} {pairs[m]:,} pairs" for m in models) + f" (batch {cfg['batch_size']})",
+        'scene, query': f"{cfg['image_size']} px, {cfg['query_size']} px",
+        'evaluation data': f"{_shown(data)} {split}: gallery of {G} images, {first['n_queries']['localization']} localization "
+                           f"queries, {first['n_queries']['retrieval']} object queries",
+        'seed': seed,
+        'machine': (f"{src['machine']}; torch {src.get('torch', '?')}" if src.get('machine') else 'not recorded'),
+        'time': (f"training {secs('train-'):.0f} s, evaluation {secs('evaluate-'):.0f} s (all models; steps run by "
+                 f"{' and '.join(runners)})" if records else 'not recorded'),
+    }
+    gal = first.get('gallery') or {}
+    parts = ' + '.join(f"{p['split']} ({p['n_kept']} of {p['n_images']})" for p in gal.get('parts', []))
+    if parts: setup['evaluation data'] += (f"; gallery = {parts}" + (f", {gal['removed_training']} removed as training images"
+                                             if gal.get('removed_training') else ''))
+    mode = _nested(first, 'score_mode', 'selected')
+    if mode: setup['hubness-reduced score'] = f"`{mode}` chosen on validation images ({_nested(first, 'score_mode', 'validation') or ''})"
+    md = {k: (t if shown is None else shown) for k, (t, shown) in tables.items()}
+    claims = verdict(tables['headline'][0])
+    note = ([f"These numbers come from `{grid}` ({about}): the models saw {min(pairs.values()):,} to "
+             f"{max(pairs.values()):,} image pairs at {cfg['image_size']} px. That shows the whole pipeline and how far so "
+             "short a run gets, not the paper's accuracy, which needs the `paper` scale (full COCO 2017 at 256 px for "
+             "20 epochs, on a GPU) or the `gpu` scale's longer training."] if not paper_scale else [])
+    has = lambda f: [f] if f in figures else []
+    sections = [
+        dict(heading='Against the paper', claim='SGA up to 84% (best model and layer); top-10 accuracy up to 71%.',
+             table=md['headline'], notes=['', *claims, '', *note]),
+        dict(heading='Layer-wise SGA, standard queries', table=md['sga_standard'],
+             claim='layer-wise Similarity Grid Accuracy of models 1-4 on the FPN levels, up to 84%.',
+             notes=['', 'Each SGA with its 95% interval in brackets (bootstrap over images).', ''],
+             figures=has('sga_standard.png')),
+        dict(heading='Layer-wise SGA, hard queries (beyond the paper)', table=md['sga_hard'],
+             claim='not in the paper: queries rotated up to ±25°, rescaled 0.8-1.2 and blurred (σ ≤ 2), where template '
+                   'matching stops being near-perfect.', figures=has('sga_hard.png')),
+        dict(heading='Top-k retrieval', table=md['retrieval'],
+             claim=f'top-1/5/10 accuracy of models 1-4, top-10 up to 71%. Ours on a gallery of {G} images, both readings '
+                   '(instance: the source image is among the k best; category, the paper\'s reading: a result other than '
+                   "the source holds the query's category)."),
+        dict(heading='Category retrieval and hubness (beyond the paper)', table=md['category_retrieval'],
+             claim='not in the paper: precision@10 and mAP over the query category\'s images (micro: over queries; macro: '
+                   'over categories; also without `person`), for the paper\'s max-over-cells score and the hubness-reduced '
+                   'scores, with each score\'s hubness (max k-occurrence in the top-10 lists; share of top-10 slots taken '
+                   f'by the most-returned 1% of the {G} gallery images).'),
+        dict(heading='Precision@10 per category (beyond the paper)', table=md['per_category'] if len(md['per_category']) else None,
+             claim='not in the paper: P@10 of the 20 categories with most object queries, beside its chance rate.'),
+        dict(heading='Loss dynamics', table=md['loss'],
+             claim='training loss with the average positive and average negative similarity against the step, four models.',
+             figures=has('loss_dynamics.png')),
+        dict(heading='Similarity heatmaps', claim='similarity grids of a query crop over its image (the positive cell lights up).',
+             figures=[f for f in figures if f.startswith('heatmaps_')]),
+        dict(heading=f'Top-{k} retrieval grids', claim='qualitative top-k results: a query crop and its best images.',
+             notes=['Queries shown: the object queries at evenly spaced quantiles of the rank of their own source image '
+                    '(best-found first, median in the middle), not a hand pick.', ''],
+             figures=[f for f in figures if f.startswith(f'top{k}_')]),
+    ]
+    intro = [f"Reproduction of *Learn and Search: An Elegant Technique for Object Lookup using Contrastive Learning* "
+             f"(arXiv 2403.07231), scale `{grid}`. Generated by `nbs/paper/figures.ipynb`; do not edit by hand. "
+             "Every table is also in this folder as CSV."]
+    return readme_text(f'Learn and Search: `{grid}` results', intro, setup, sections)
+
+def render_run(run:dict,            # from `read_run`
+               out,                 # folder for tables, figures and README.md
+               grid:str, about:str, command:str,  # scale name, one line on it, the command that regenerates it
+               data:str, split:str, # the evaluation images (the top-k grids reload their pixels)
+               seed:int=0, k:int=10, paper_scale:bool=False,
+              )->Path:              # out/README.md
+    "Every table, figure and the README of a run folder, from its saved data alone (no model)"
+    out, models, metrics, logs = Path(out), list(run['metrics']), run['metrics'], run['logs']
+    tables = run_tables(metrics, logs)
+    write_tables(tables, out)
+    cfg = run['configs'][models[0]]
+    written = save_figure(plot_loss_dynamics(logs, f'Loss dynamics ({grid}: batch {cfg["batch_size"]}, {cfg["image_size"]} px)'),
+                          out/'loss_dynamics', svg=True)
+    for proto in ('standard', 'hard'):
+        if tables[f'sga_{proto}'][0].loc[models, COLUMNS].notna().any().any():
+            written += save_figure(plot_sga(metrics, proto), out/f'sga_{proto}', svg=True)
+    G = metrics[models[0]]['gallery_size']
+    for m in models:
+        ev = run['runs']/'eval'/m
+        if (ev/'heatmaps.npz').is_file():
+            written += save_figure(plot_heatmaps(load_examples(ev/'heatmaps.npz'), f'Similarity heatmaps, {m} ({grid})'),
+                                   out/f'heatmaps_{m}', palette=True)
+        if (ev/'topk.json').is_file():
+            tk = load_topk(ev/'topk.json', data, run['configs'][m]['query_size'])
+            written += save_figure(plot_topk(tk, f"Top-{k} retrieval, {m} ({grid}, gallery of {G} images; green ✓ = holds "
+                                   "the query's category)"), out/f'top{k}_{m}', palette=True)
+    text = results_readme(run, tables, [p.name for p in written], grid, about, command, data, split, seed, k, paper_scale)
+    return atomic_write(out/'README.md', text)

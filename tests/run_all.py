@@ -1,30 +1,47 @@
-"""Run every test: the notebooks through `nbdev_test`, then pytest on tests/; end with one `N passed, N failed` line."""
-import re, subprocess, sys
+"""Run every test: the notebooks as `nbdev_test` runs them (its own `test_nb`, one result per notebook), then pytest on
+tests/ (counts read from its JUnit XML report); end with one `N passed, N failed` line. About 12-15 minutes on 2 cores."""
+import os, subprocess, sys, tempfile, time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 root = Path(__file__).resolve().parent.parent
-bin_dir = Path(sys.executable).parent
 
-def run(cmd):
-    "Run `cmd` in the repo root, echoing its output; return (exit code, output)"
-    print('$', ' '.join(map(str, cmd)), flush=True)
-    proc = subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    print(proc.stdout, flush=True)
-    return proc.returncode, proc.stdout
+def notebook_results(n_workers:int=2, files=None)->list:
+    "(notebook, passed, seconds) for every notebook nbdev_test would test, through nbdev's own `test_nb`"
+    from fastcore.parallel import parallel
+    from fastcore.xtras import working_directory
+    from nbdev.config import get_config
+    from nbdev.doclinks import nbglob
+    from nbdev.test import test_nb
+    cfg = get_config(path=root)
+    files = [Path(f).absolute() for f in sorted(files or nbglob(cfg.nbs_path, as_path=True))]
+    with working_directory(cfg.nbs_path):
+        results = parallel(test_nb, files, skip_flags=cfg.tst_flags.split(), force_flags=[], n_workers=n_workers,
+                           basepath=cfg.config_path, pause=0.01)
+    return [(f.relative_to(cfg.nbs_path) if f.is_relative_to(cfg.nbs_path) else f, ok, t) for f, (ok, t) in zip(files, results)]
 
-notebooks = [p for p in sorted((root/'nbs').rglob('*.ipynb'))
-             if not any(part.startswith(('_', '.')) for part in p.relative_to(root/'nbs').parts)]
-code, out = run([bin_dir/'nbdev_test', '--n_workers', '2', '--timing'])
-failed_nbs = re.findall(r'^\t?\s*(\S+\.ipynb)\s*$', out.split('Failed On The Following Notebooks:')[-1], re.M) if code else []
-if code and not failed_nbs: failed_nbs = ['nbdev_test']
-nb_passed = len(notebooks) - len(failed_nbs)
+def pytest_counts(args=('tests',))->dict:
+    "passed / failed / skipped counts of `pytest args`, from its JUnit XML report"
+    with tempfile.TemporaryDirectory() as d:
+        xml = Path(d)/'pytest.xml'
+        print('$ pytest -q -rs', *args, flush=True)
+        code = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-rs', f'--junitxml={xml}', *args], cwd=root).returncode
+        if not xml.exists(): return dict(passed=0, failed=1, skipped=0)   # pytest itself broke (usage, collection)
+        suites = ET.parse(xml).getroot()
+        suites = [suites] if suites.tag == 'testsuite' else list(suites)
+        n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ('tests', 'failures', 'errors', 'skipped')}
+    failed = n['failures'] + n['errors'] + (1 if code not in (0, 5) and not (n['failures'] + n['errors']) else 0)
+    return dict(passed=n['tests'] - n['failures'] - n['errors'] - n['skipped'], failed=failed, skipped=n['skipped'])
 
-code, out = run([sys.executable, '-m', 'pytest', '-q', '-rs', 'tests'])
-counts = {k: int(n) for n, k in re.findall(r'(\d+) (passed|failed|error|errors|skipped)', out.strip().splitlines()[-1])} if out.strip() else {}
-py_failed = counts.get('failed', 0) + counts.get('error', 0) + counts.get('errors', 0)
-if code not in (0, 5) and py_failed == 0: py_failed = 1   # pytest itself broke (collection, usage)
-passed, failed = nb_passed + counts.get('passed', 0), len(failed_nbs) + py_failed
-print(f"notebooks: {nb_passed} passed, {len(failed_nbs)} failed" + (f" ({', '.join(failed_nbs)})" if failed_nbs else ''))
-print(f"pytest: {counts.get('passed', 0)} passed, {py_failed} failed, {counts.get('skipped', 0)} skipped")
-print(f"total: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+if __name__ == '__main__':
+    t0 = time.time()
+    print('$ nbdev_test (nbdev.test.test_nb on every notebook, 2 workers)', flush=True)
+    nbs = notebook_results()
+    for nb, ok, t in sorted(nbs, key=lambda r: -r[2]): print(f"  {'ok  ' if ok else 'FAIL'} {t:6.0f} s  {nb}")
+    failed_nbs = [str(nb) for nb, ok, _ in nbs if not ok]
+    py = pytest_counts()
+    passed, failed = len(nbs) - len(failed_nbs) + py['passed'], len(failed_nbs) + py['failed']
+    print(f"notebooks: {len(nbs) - len(failed_nbs)} passed, {len(failed_nbs)} failed" + (f" ({', '.join(failed_nbs)})" if failed_nbs else ''))
+    print(f"pytest: {py['passed']} passed, {py['failed']} failed, {py['skipped']} skipped")
+    print(f"total: {passed} passed, {failed} failed ({(time.time() - t0) / 60:.1f} min)")
+    sys.exit(1 if failed else 0)
