@@ -31,7 +31,7 @@ def sha256_file(path)->str:
 def index_lock(path)->RunLock:
     "The exclusive lock that writers of the index folder `path` hold: the file `.NAME.lock` beside it"
     path = Path(path)
-    return RunLock(path.parent, f'.{path.name}.lock')
+    return RunLock(path.parent, f'.{path.name}.lock', label=path)
 
 def remove_leftovers(path)->list:  # the removed folders
     "Delete the `.NAME.XXXXXXXX.tmp/` and `.NAME.old/` folders that killed saves of `path` left (hold `index_lock`)"

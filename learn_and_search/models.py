@@ -192,6 +192,8 @@ def load_model(checkpoint_path:str|Path,  # a checkpoint dict with 'model' (stat
     cfg = ckpt['config']
     missing = [k for k in ('preset', 'arch', 'dim') if k not in cfg]
     if missing: raise ValueError(f"checkpoint {str(path)!r}: config lacks {missing}")
+    if cfg['preset'] not in PRESET_NAMES:   # las-train only writes known presets: anything else is not ours
+        raise ValueError(f"checkpoint {str(path)!r} names unknown preset {cfg['preset']!r}; known presets: {', '.join(PRESET_NAMES)}")
     model = create_model(**_model_kwargs(cfg))
     state = {k.replace('_orig_mod.', '').removeprefix('module.'): v for k, v in ckpt['model'].items()}  # compile / DDP
     try: model.load_state_dict(state)

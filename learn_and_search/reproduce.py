@@ -8,7 +8,7 @@ import argparse, contextlib, hashlib, io, json, os, platform, sys, tarfile, time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from .utils import RunLock, atomic_path, atomic_write, atomic_write_json, run_cli, script_entry
+from .utils import RunLock, atomic_path, atomic_write, atomic_write_json, resolve_device, run_cli, script_entry
 
 # %% auto #0
 __all__ = ['MODELS', 'SCALES', 'PRESETS', 'RUNNERS', 'ARCHIVE_LIMIT', 'OPTIONAL', 'check_scale', 'model_steps', 'resolve_data',
@@ -95,8 +95,8 @@ def resolve_data(scale:str,               # 'smoke', 'mini', 'gpu' or 'paper'
     check_scale(scale)
     if scale == 'smoke':
         data = data or 'synthetic'
-        return train_data or data, data
-    if scale in _DATA:
+        train_data = train_data or data
+    elif scale in _DATA:
         ev, tr = _DATA[scale]
         roots = [_repo_root()/'data', _repo_root().parent/'shared'/'data']
         env_ev = os.environ.get('COCO_ROOT') if scale == 'mini' else None
@@ -507,6 +507,11 @@ def _main(argv=None)->int:
     if a.threads is not None and a.threads < 1: p.error(f'--threads must be >= 1, got {a.threads}')
     if a.pairs is not None and a.pairs < 1: p.error(f'--pairs must be >= 1, got {a.pairs}')
     if a.archive and a.from_archive: p.error('--archive and --from-archive exclude each other')
+    for flag, folder in (('--runs', a.runs), ('--figures', a.figures)):
+        if Path(folder).exists() and not Path(folder).is_dir(): p.error(f"{flag} {folder!r} is a file, not a folder")
+    if a.device not in (None, 'auto'):
+        try: resolve_device(a.device)   # checked here, not in the first notebook a minute later
+        except ValueError as e: p.error(f"--device: {e}")
     try:
         steps = build_grid(scale, [m.strip() for m in a.models.split(',') if m.strip()], a.data, a.train_data,
                            a.device, a.seed, a.runs, a.figures, a.notebooks, a.tiny, a.pairs)

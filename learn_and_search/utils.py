@@ -108,7 +108,12 @@ class RunLockedError(RuntimeError):
 
 class RunLock:
     "Exclusive lock on a run `folder` (created if missing), held until `release` or process exit"
-    def __init__(self, folder, name:str='.lock'): self.folder, self.path, self.fd = Path(folder), Path(folder)/name, None
+    def __init__(self, folder,            # the folder the lock file lives in
+                 name:str='.lock',        # lock file name inside `folder`
+                 label=None,              # what the lock protects, for messages (default: `folder`)
+                ):
+        self.folder, self.path, self.fd = Path(folder), Path(folder)/name, None
+        self.label = str(label) if label is not None else str(folder)
 
     def holder(self)->dict:
         "What the current (or last) holder wrote into the lock file"
@@ -123,7 +128,7 @@ class RunLock:
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK): raise
             h = self.holder()
-            raise RunLockedError(f"{self.folder} is in use by process {h.get('pid', '?')} on {h.get('host', '?')} "
+            raise RunLockedError(f"{self.label} is in use by process {h.get('pid', '?')} on {h.get('host', '?')} "
                                  f"(started {h.get('started', '?')}): wait for it to finish or choose another output folder") from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),

@@ -2,7 +2,7 @@
 determinism of the smoke tables."""
 import json, os, subprocess, sys, tarfile
 from pathlib import Path
-import nbformat, pytest
+import nbformat, pytest, torch
 from learn_and_search.reproduce import ARCHIVE_LIMIT, SCALES, Step, StepFailed, build_grid, main, run_grid
 
 def write_notebook(path, *sources:str, parameters:str|None=None)->Path:
@@ -145,6 +145,17 @@ def test_errors_are_one_line(tmp_path, capsys):
     (tmp_path/'bad.tar.gz').write_bytes(b'not a tar')
     assert main(['--scale', 'smoke', '--from-archive', str(tmp_path/'bad.tar.gz'), '--runs', str(tmp_path/'r')]) == 2
     assert 'cannot read archive' in capsys.readouterr().err
+
+def test_bad_arguments_are_refused_before_any_step(tmp_path, capsys):
+    "A missing data folder, an unusable device or a file given as --runs stop las-reproduce before its first step"
+    runs = tmp_path/'r'
+    for argv, says in [(['--data', str(tmp_path/'nonexist')], 'does not exist'),
+                       (['--runs', str(tmp_path/'afile')], "--runs"),
+                       *([(['--device', 'cuda'], '--device')] if not torch.cuda.is_available() else [])]:
+        (tmp_path/'afile').write_text('x')
+        with pytest.raises(SystemExit) as e: main(['--scale', 'smoke', '--tiny', '--models', 'model1', '--runs', str(runs), *argv])
+        assert e.value.code == 2 and says in capsys.readouterr().err, argv
+        assert not (runs/'smoke').exists()   # nothing ran
 
 def _tables(root:Path)->dict:
     "Relative path -> text of every CSV and Markdown table under `root`"
