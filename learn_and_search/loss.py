@@ -9,8 +9,7 @@ from typing import NamedTuple
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
 from torch import Tensor
-from .grid import cell_boxes, cells_hit, positive_cells
-from .grid import cells_in_boxes   # not used here: importable from loss until tests/test_train.py imports grid
+from .grid import cell_boxes, cells_hit, cells_in_boxes, positive_cells
 
 # %% auto #0
 __all__ = ['MIN_TEMPERATURE', 'LossOutput', 'LevelLayout', 'level_layout', 'anchor_masks', 'ant_xent_logits', 'AntXentLoss',
