@@ -4,11 +4,13 @@
 
 # %% ../nbs/02a_grid.ipynb #ae7e1432
 from __future__ import annotations
+import math
 import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['cell_corners', 'cell_boxes', 'cell_centers', 'positive_cells', 'cells_hit', 'cells_in_boxes', 'box_hits']
+__all__ = ['STRIDES', 'cell_corners', 'cell_boxes', 'cell_centers', 'positive_cells', 'cells_hit', 'cells_in_boxes', 'box_hits',
+           'nominal_grids']
 
 # %% ../nbs/02a_grid.ipynb #cbde936b
 def _as_index(cells, device=None)->Tensor:
@@ -85,3 +87,14 @@ def box_hits(cells:Tensor,          # (B,) flat index of one cell per box, e.g. 
     "Whether each box contains its chosen cell: the SGA hit rule"
     dt = boxes.dtype if boxes.is_floating_point() else torch.float32
     return cells_hit(cell_corners(cells.to(boxes.device), grid_hw, image_size, dt), boxes, strict)
+
+# %% ../nbs/02a_grid.ipynb #25e3d97c
+STRIDES = {'P3': 8, 'P4': 16, 'P5': 32, 'P6': 64, 'P7': 128}   # FPN level -> stride in scene pixels
+
+def nominal_grids(levels=tuple(STRIDES), # pyramid levels
+                  image_size:int=256,    # scene side S, pixels
+                 )->dict:                # level -> (H, W)
+    "Grid size of each level on an `S x S` scene: ceil(S / stride) cells a side"
+    unknown = [l for l in levels if l not in STRIDES]
+    if unknown: raise ValueError(f"unknown pyramid level(s) {unknown}; known: {', '.join(STRIDES)}")
+    return {l: (math.ceil(image_size / STRIDES[l]),) * 2 for l in levels}

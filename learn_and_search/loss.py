@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
 from torch import Tensor
-from .grid import cell_boxes, cells_hit, cells_in_boxes, positive_cells
+from .grid import STRIDES, cell_boxes, cells_hit, cells_in_boxes, nominal_grids, positive_cells
 
 # %% auto #0
 __all__ = ['MIN_TEMPERATURE', 'LossOutput', 'LevelLayout', 'level_layout', 'anchor_masks', 'ant_xent_logits', 'AntXentLoss',
@@ -211,9 +211,9 @@ def loss_inputs(batch:int=32,        # B
                )->tuple:             # (query (B, D), grids level -> (B, D, H, W), boxes (B, 4), S)
     "Random unit embeddings and boxes with the model's grid sizes at `image_size`, for timing the loss alone"
     g = torch.Generator().manual_seed(seed)
-    sizes = [math.ceil(image_size / 2 ** k) for k in range(3, 3 + levels)]
+    sizes = nominal_grids(tuple(STRIDES)[:levels], image_size)                # level -> (H, W)
     unit = lambda *s: F.normalize(torch.randn(*s, generator=g), dim=1).to(device, dtype).requires_grad_(requires_grad)
-    grids = {f'P{k + 3}': unit(batch, dim, n, n) for k, n in enumerate(sizes)}
+    grids = {level: unit(batch, dim, h, w) for level, (h, w) in sizes.items()}
     wh = (0.1 + 0.4 * torch.rand(batch, 2, generator=g)) * image_size
     boxes = torch.cat([torch.rand(batch, 2, generator=g) * (image_size - wh), wh], 1).to(device)
     return unit(batch, dim), grids, boxes, image_size
