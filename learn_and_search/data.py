@@ -351,8 +351,6 @@ def check_crop_frac(crop_frac):
     except (TypeError, ValueError): raise ValueError(f'crop_frac={crop_frac!r}: must be a pair (low, high)') from None
     if not (_is_num(lo) and _is_num(hi) and 0 < lo <= hi <= 1): raise ValueError(f'crop_frac={crop_frac}: need 0 < low <= high <= 1')
 
-_check_frac = check_crop_frac   # old private name, kept until train.py has moved to check_crop_frac
-
 def sample_query_box(height:int, width:int,  # image size, px
                      generator:torch.Generator,
                      crop_frac=(0.10, 0.25),  # (low, high) box side as a fraction of max(height, width)
