@@ -12,7 +12,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .augment import crop_queries
-from .data import ImageReadError, load_image, mix_seed, resize_square, sample_query_box, scale_boxes
+from .data import MIN_IMAGE_SIDE, ImageReadError, check_image_side, load_image, mix_seed
+from .data import resize_square, sample_query_box, scale_boxes
 from .index import DEFAULT_LEVELS
 
 # %% auto #0
@@ -20,11 +21,15 @@ __all__ = ['as_image', 'check_box', 'ReadOrReport', 'SceneCollate', 'embed_cells
            'reference_crops']
 
 # %% ../nbs/07a_embed.ipynb #5e75dff7
-def as_image(image)->Tensor:  # uint8 (3, H, W)
-    "An image from a path (read with `load_image`) or a uint8 (3, H, W) tensor"
-    if isinstance(image, (str, Path)): return load_image(image)
-    if isinstance(image, Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3: return image
-    raise ValueError(f"expected an image path or a uint8 (3, H, W) tensor, got {type(image).__name__} {tuple(getattr(image, 'shape', ()))}")
+def as_image(image,                        # an image path or a uint8 (3, H, W) tensor
+             min_side:int=MIN_IMAGE_SIDE,  # smallest usable shorter side, px (as for training and indexing)
+            )->Tensor:                     # uint8 (3, H, W)
+    "An image from a path (read with `load_image`) or a uint8 (3, H, W) tensor, refused when too small to use"
+    if isinstance(image, (str, Path)): img = load_image(image)
+    elif isinstance(image, Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3: img = image
+    else: raise ValueError(f"expected an image path or a uint8 (3, H, W) tensor, got {type(image).__name__} {tuple(getattr(image, 'shape', ()))}")
+    check_image_side(image if isinstance(image, (str, Path)) else 'image tensor', img.shape[-1], img.shape[-2], min_side)
+    return img
 
 def check_box(box,          # x, y, w, h in pixels of the image
               width:int,    # image width, pixels
