@@ -21,7 +21,7 @@ reproduce: install  ## SCALE=smoke|mini|gpu|paper (PRESET= is the deprecated nam
 	$(if $(PRESET),@echo "make: PRESET= is deprecated: use SCALE=$(PRESET)" >&2,)
 	$(VENV)/bin/las-reproduce --scale $(SCALE) $(if $(DATA),--data $(DATA),)
 
-test: install  ## every notebook and tests/: about 12-15 minutes on 2 CPU cores
+test: install  ## every notebook and tests/: about 6 minutes on 2 idle CPU cores
 	$(PY) tests/run_all.py
 
 export: install
