@@ -145,13 +145,12 @@ class RunLock:
     def __exit__(self, *exc): self.release()
 
 # %% ../nbs/00_utils.ipynb #061dedf0
-EXPECTED_ERRORS = (ValueError, OSError, RunLockedError, pickle.UnpicklingError, EOFError, KeyError)
+EXPECTED_ERRORS = (ValueError, OSError, RunLockedError, pickle.UnpicklingError)   # a KeyError or EOFError is a bug here: files are checked where they are read
 
 def error_line(e:BaseException)->str:
     "A one-line description of `e` for a CLI user"
     if isinstance(e, pickle.UnpicklingError):
         return "refused to load a file that holds pickled Python objects rather than plain tensors and containers (it may be hostile or not a learn_and_search file)"
-    if isinstance(e, KeyError): return f"missing entry {e}"
     msg = ' '.join(str(e).split()) or type(e).__name__
     if isinstance(e, OSError) and getattr(e, 'filename', None) and str(e.filename) not in msg: msg += f": {e.filename}"
     return msg
