@@ -54,7 +54,8 @@ def retrieval_figures(scores:Tensor,              # (Q, G) image scores of one m
     out, p10 = _ranking_figures(scores, obj, ks, person)
     out['per_category'] = [dict(category_id=i, category=names.get(i, str(i)), n_queries=n, p_at_10=v)
                            for i, n, v in per_category(p10, obj.category)]
-    hub = dict(k=HUBNESS_K, uniform_share=_skew(scores)['n_top'] / scores.shape[1], max=_skew(scores))
+    skew = _skew(scores)
+    hub = dict(k=HUBNESS_K, uniform_share=skew['n_top'] / scores.shape[1], max=skew)
     out['hubness_reduced'] = None
     if reference_scores is not None:
         stats, out['hubness_reduced'] = reference_stats(reference_scores), {}

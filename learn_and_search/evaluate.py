@@ -16,7 +16,6 @@ from .data import CocoImages, check_image_size, open_images, random_crop_queries
 from .eval_report import (
     RunInfo, assemble_metrics, metrics_markdown, per_category_csv, per_query_csv, per_query_rows)
 from .gallery import Gallery, excluded_ids, open_gallery, reference_images
-from .gallery import training_ids   # noqa: F401 (unused here: importable from `evaluate` until reproduce.py moves)
 from .hubness import reference_stats, select_score_mode
 from .loss import AntXentLoss
 from .metrics import best_cells, relevance, sga_hits

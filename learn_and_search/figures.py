@@ -4,7 +4,7 @@
 
 # %% ../nbs/08a_figures.ipynb #5caeef98
 from __future__ import annotations
-import csv, io, json, os
+import io, json, os
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 import matplotlib
@@ -20,9 +20,9 @@ from .utils import atomic_write, atomic_write_json, describe_machine, frame_mark
 # %% auto #0
 __all__ = ['COLUMNS', 'KS', 'CATEGORY_COLUMNS', 'PAPER_CLAIMS', 'sga_table', 'with_intervals', 'retrieval_table',
            'category_table', 'per_category_table', 'read_log', 'loss_table', 'write_table', 'run_tables',
-           'write_tables', 'write_rows', 'plot_loss_dynamics', 'plot_sga', 'similarity_examples', 'save_examples',
-           'load_examples', 'plot_heatmaps', 'quantile_picks', 'topk_examples', 'topk_record', 'load_topk', 'plot_topk',
-           'save_figure', 'headline', 'verdict', 'readme_text', 'read_run', 'results_readme', 'render_run']
+           'write_tables', 'plot_loss_dynamics', 'plot_sga', 'similarity_examples', 'save_examples', 'load_examples',
+           'plot_heatmaps', 'quantile_picks', 'topk_examples', 'topk_record', 'load_topk', 'plot_topk', 'save_figure',
+           'headline', 'verdict', 'readme_text', 'read_run', 'results_readme', 'render_run']
 
 # %% ../nbs/08a_figures.ipynb #03282f06
 COLUMNS = list(LEVELS) + ['all']
@@ -194,13 +194,6 @@ def run_tables(metrics:dict, logs:dict={})->dict:   # model name -> `evaluate` m
 def write_tables(tables:dict, out)->list:   # from `run_tables`
     "Write every table of `tables` into folder `out` as CSV and Markdown; returns the paths"
     return [p for stem, (t, shown) in tables.items() for p in write_table(t, Path(out)/stem, shown)]
-
-def write_rows(rows:list, path)->Path:
-    "Write `rows` (dicts, e.g. `evaluate`'s per-query rows) to `path` as CSV, atomically; a key a row lacks is empty"
-    buf, names = io.StringIO(), list(dict.fromkeys(k for r in rows for k in r))   # every key, in first-seen order
-    w = csv.DictWriter(buf, fieldnames=names, restval='', lineterminator='\n')
-    w.writeheader(); w.writerows(rows)
-    return atomic_write(path, buf.getvalue())
 
 # %% ../nbs/08a_figures.ipynb #7f80d370
 def plot_loss_dynamics(logs:dict,       # model name -> `read_log` DataFrame (step, loss, avg_pos, avg_neg)

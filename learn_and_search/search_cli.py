@@ -181,9 +181,8 @@ def _query(a)->dict:
     if info.get('fingerprint') and model_fingerprint(model) != info['fingerprint']:
         raise ValueError(f"the model ({a.checkpoint or info.get('source')}) is not the one {a.index} was built with (fingerprints differ)")
     index.model = model
-    k = min(a.k, len(index))                                     # memory bounded by the gallery, whatever -k says
     q, crop = embed_query(model, image, box, index.image_size, index.query_size)
-    results = index.results(*index.search_vectors(q[None], k, a.rerank, score=score))[0]
+    results = index.results(*index.search_vectors(q[None], a.k, a.rerank, score=score))[0]   # k clamped to the gallery there
     if a.grid: save_figure(plot_results(crop, results, images={str(a.image): image}), a.grid)
     return dict(query=dict(image=str(a.image), box=box, k=a.k, score=score, index=str(a.index)), results=results)
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .utils import atomic_write_json, resolve_device, RunLock, run_cli, script_entry
 from .checkpoint import (save_checkpoint, load_checkpoint, periodic_checkpoints, prune_checkpoints,
-                                         truncate_metrics, read_torch_file)
+                                         truncate_metrics)
 from .distributed import CachedScenes, LoaderScenes, epoch_order, init_distributed, mean_across_ranks
 from .models import LEVELS as ALL_LEVELS, check_arch, check_levels
 from .data import check_image_size, check_crop_frac
@@ -97,8 +97,6 @@ def _validate(c:TrainConfig)->TrainConfig:
     _check(isinstance(c.lr, (int, float)) and c.lr > 0 and math.isfinite(c.lr), 'lr', c.lr, 'must be a positive number')
     _check(isinstance(c.weight_decay, (int, float)) and c.weight_decay >= 0, 'weight_decay', c.weight_decay, 'must be >= 0')
     cf = c.crop_frac
-    _check(isinstance(cf, (tuple, list)) and len(cf) == 2 and all(isinstance(x, (int, float)) for x in cf), 'crop_frac', cf,
-           'must be two numbers (lo, hi)')
     _chapter_check('crop_frac', cf, check_crop_frac)
     _chapter_check('arch', c.arch, check_arch)
     _chapter_check('preset', c.preset, get_preset)
@@ -404,7 +402,6 @@ def _build(config:TrainConfig, device, total_steps:int, fresh:bool=True)->tuple:
     from learn_and_search.augment import QueryAugment, get_preset
     from learn_and_search.loss import AntXentLoss
     weights = config.weights if fresh else None
-    if weights not in (None, 'imagenet'): read_torch_file(weights, what='weights file')   # a one-line error if unreadable
     torch.manual_seed(config.seed)
     model = create_model(config.preset, arch=config.arch, dim=config.dim, weights=weights,
                          levels=tuple(config.levels), image_size=config.image_size, query_size=config.query_size).to(device)
