@@ -12,9 +12,10 @@ def notebook_results(n_workers:int=2, files=None)->list:
     from fastcore.xtras import working_directory
     from nbdev.config import get_config
     from nbdev.doclinks import nbglob
-    from nbdev.test import test_nb
+    from nbdev.test import _keep_file, test_nb
     cfg = get_config(path=root)
-    files = [Path(f).absolute() for f in sorted(files or nbglob(cfg.nbs_path, as_path=True))]
+    files = [Path(f).absolute() for f in sorted(files or nbglob(cfg.nbs_path, as_path=True))
+             if _keep_file(Path(f).absolute(), '.notest')]   # the selection nbdev_test makes (folders with .notest are skipped)
     with working_directory(cfg.nbs_path):
         results = parallel(test_nb, files, skip_flags=cfg.tst_flags.split(), force_flags=[], n_workers=n_workers,
                            basepath=cfg.config_path, pause=0.01)
