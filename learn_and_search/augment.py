@@ -59,23 +59,26 @@ def crop_affine(boxes:Tensor,        # (B, 4) xywh boxes in scene pixels
                          torch.stack([sin * sx * 2 / H,  cos * sy * 2 / H, 2 * (y + h / 2) / H - 1], -1)], -2)
     return theta                               # (B, 2, 3)
 
-def crop_queries(scenes:Tensor,      # (B, 3, S, S) float in [0, 1] (uint8 is converted)
-                 boxes:Tensor,       # (B, 4) xywh boxes in scene pixels
+def crop_queries(scenes:Tensor,      # (B_s, 3, S, S) float in [0, 1] (uint8 is converted)
+                 boxes:Tensor,       # (B, 4) xywh boxes in scene pixels, B = K * B_s: box b is on scene b // K
                  size:int,           # side of the output crops
                  angle:Tensor|None=None,  # (B,) degrees, counter-clockwise about the box centre
                  scale:Tensor|None=None,  # (B,) zoom about the box centre (> 1 zooms in)
                  mode:str='bilinear',     # `grid_sample` mode: 'bilinear', 'nearest' or 'bicubic'
                  padding_mode:str='zeros',  # for pixels outside the scene: 'zeros', 'border' or 'reflection'
                 )->Tensor:           # (B, 3, size, size)
-    "Cut each scene's `boxes` crop (optionally rotated/zoomed) resized to `size`, batched on the scenes' device"
+    "Cut `K` crops from each scene at `boxes` (optionally rotated/zoomed) resized to `size`, batched on the scenes' device"
     if not scenes.is_floating_point(): scenes = scenes.float() / 255
-    if scenes.ndim != 4 or boxes.shape != (scenes.shape[0], 4):
-        raise ValueError(f"crop_queries: need scenes (B,3,H,W) and boxes (B,4), got {tuple(scenes.shape)} and {tuple(boxes.shape)}")
-    dev = scenes.device
+    Bs = scenes.shape[0] if scenes.ndim == 4 else 0
+    if not Bs or boxes.ndim != 2 or boxes.shape[1] != 4 or len(boxes) % Bs:
+        raise ValueError(f"crop_queries: need scenes (B_s,3,H,W) and boxes (K*B_s,4), got {tuple(scenes.shape)} and {tuple(boxes.shape)}")
+    dev, (B, C), K = scenes.device, scenes.shape[:2], len(boxes) // Bs
     theta = crop_affine(boxes.to(dev, scenes.dtype), scenes.shape[-2:],
                         None if angle is None else angle.to(dev), None if scale is None else scale.to(dev))
-    grid = F.affine_grid(theta, [scenes.shape[0], scenes.shape[1], size, size], align_corners=False)
-    out = F.grid_sample(scenes, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
+    grid = F.affine_grid(theta, [len(boxes), C, size, size], align_corners=False)   # (B, size, size, 2)
+    grid = grid.view(Bs, K * size, size, 2)          # a scene's K sampling grids stacked: the scenes are never copied
+    out = F.grid_sample(scenes, grid, mode=mode, padding_mode=padding_mode, align_corners=False)   # (B_s, C, K*size, size)
+    out = out.view(Bs, C, K, size, size).transpose(1, 2).reshape(-1, C, size, size)               # -> (B, C, size, size)
     return out.clamp_(0, 1) if mode == 'bicubic' else out
 
 # %% ../nbs/02_augment.ipynb #622faae9

@@ -11,7 +11,7 @@ import argparse, importlib.util, json, os, resource, subprocess, sys, tempfile, 
 from pathlib import Path
 import torch
 
-from .utils import describe_machine, markdown_table, resolve_device, run_cli, script_entry
+from .utils import describe_machine, markdown_table, resolve_device, resolve_precision, run_cli, script_entry
 from .train import make_optimizer, step_generator, train_step, sample_query_boxes, TrainConfig
 
 # %% ../nbs/05b_bench_train.ipynb #d882fef2
@@ -37,12 +37,15 @@ def bench_setting(image_size:int=256, batch_size:int=16, query_size:int=64, pres
                   loss_reps:int=3,        # timed repetitions of the batched loss alone (the loop runs once)
                   device:str='auto', seed:int=0,
                   loop:bool=True,         # also time the per-sample loop (O(B^2): slow at large batches)
+                  precision:str='auto',   # 'auto', 'bf16' or 'fp32' (`utils.resolve_precision`)
+                  queries_per_scene:int=1, # K query crops per scene: batch_size * K pairs a step
                  )->dict:
     "Throughput, peak memory and loss timings of training steps at one setting"
     from learn_and_search.models import create_model
     from learn_and_search.augment import QueryAugment
     from learn_and_search.loss import AntXentLoss, ant_xent_reference
     dev = resolve_device(device); cuda = dev.type == 'cuda'
+    prec = resolve_precision(precision, dev); amp = prec == 'bf16'
     if cuda: torch.backends.cudnn.benchmark = True; torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(seed)
     model = create_model(preset, arch=arch, image_size=image_size, query_size=query_size).to(dev).train()
@@ -51,20 +54,20 @@ def bench_setting(image_size:int=256, batch_size:int=16, query_size:int=64, pres
     opt, sched = make_optimizer(model, TrainConfig(), total_steps=10**6)
     g = torch.Generator().manual_seed(seed)
     scenes = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, generator=g).to(dev)
-    boxes = sample_query_boxes(batch_size, image_size, (0.10, 0.25), step_generator(seed, 0, 0, dev))
+    boxes = sample_query_boxes(batch_size * queries_per_scene, image_size, (0.10, 0.25), step_generator(seed, 0, 0, dev))
     it = iter(range(10**9))
     step = lambda: train_step(model, augment, loss_fn, opt, sched, scenes, boxes, step_generator(seed, next(it), 0, dev),
-                              amp=cuda, channels_last=True)
+                              amp=amp, channels_last=True)
     for _ in range(warmup): step()
     t_step = _timed(step, steps, dev)
     peak = peak_memory_mib(dev)
     # the loss alone, on this step's embeddings
-    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
         s = scenes.float() / 255
         query, grids = model(augment(s, boxes, generator=step_generator(seed, 0, 0, dev)), s)
     def loss_fb(fn):
         q = query.detach().requires_grad_(); gr = {k: v.detach().requires_grad_() for k, v in grids.items()}
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda): out = fn(q, gr, boxes, image_size)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp): out = fn(q, gr, boxes, image_size)
         out = out if torch.is_tensor(out) else out.loss
         out.backward()
         return out.detach().float()
@@ -76,32 +79,35 @@ def bench_setting(image_size:int=256, batch_size:int=16, query_size:int=64, pres
     if loop:   # the loop: once
         _sync(dev); t = time.perf_counter(); lr_ = loss_fb(ref); _sync(dev); t_ref = time.perf_counter() - t
         diff = abs(float(lv) - float(lr_))
-    return dict(image_size=image_size, batch_size=batch_size, amp='bf16' if cuda else 'fp32',
-                pairs_per_s=batch_size / t_step, step_ms=1e3 * t_step, peak_mib=peak, loss_share=t_loss / t_step,
+    return dict(image_size=image_size, query_size=query_size, batch_size=batch_size, queries_per_scene=queries_per_scene,
+                amp=prec, pairs_per_s=batch_size * queries_per_scene / t_step, step_ms=1e3 * t_step, peak_mib=peak, loss_share=t_loss / t_step,
                 loss_ms=1e3 * t_loss, loop_ms=1e3 * t_ref, loop_over_batched=t_ref / t_loss,
                 loss_diff=diff, device=describe_machine(dev), threads=torch.get_num_threads())
 
 # %% ../nbs/05b_bench_train.ipynb #781d8a52
 def metrics_pairs_per_s(lines:list,     # metrics.jsonl records (step, images_per_s), logged every step
-                        batch_size:int,
+                        batch_size:int,  # scenes a step
                         skip:int=1,     # leading steps left out
+                        queries_per_scene:int=1,  # K: query pairs per scene
                        )->float:
-    "Pairs per second over the logged steps after `skip`: total pairs / total time"
+    "Query pairs per second over the logged steps after `skip`: total pairs / total time"
     prev, pairs, secs = None, 0, 0.0
     for l in lines:
         n = l['step'] - (prev if prev is not None else 0); prev = l['step']
         if l['step'] <= skip: continue
-        pairs += n * batch_size; secs += n * batch_size / l['images_per_s']
+        pairs += n * batch_size * queries_per_scene; secs += n * batch_size / l['images_per_s']
     return pairs / secs if secs else float('nan')
 
 def bench_end_to_end(data:str, image_size:int=256, batch_size:int=16, steps:int=6, skip:int=1, cache:bool=True,
-                     workers:int=2, device:str='auto', cache_dir:str|None=None, seed:int=0)->dict:
+                     workers:int=2, device:str='auto', cache_dir:str|None=None, seed:int=0, query_size:int=64,
+                     precision:str='auto', queries_per_scene:int=1)->dict:
     "Pairs per second of a whole `las-train` run on `data` (cached input or DataLoader), peak memory, cache build time"
     from learn_and_search.train import train
     dev = resolve_device(device)
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(data=str(data), image_size=image_size, batch_size=batch_size, steps=steps, cache=cache,
+        cfg = TrainConfig(data=str(data), image_size=image_size, query_size=query_size, batch_size=batch_size, steps=steps,
+                          cache=cache, precision=precision, queries_per_scene=queries_per_scene,
                           workers=workers, device=device, out=f'{tmp}/run', cache_dir=cache_dir or f'{tmp}/cache',
                           checkpoint_every=10**9, keep_checkpoints=0, seed=seed)
         t = time.perf_counter(); cache_s = float('nan')
@@ -113,8 +119,10 @@ def bench_end_to_end(data:str, image_size:int=256, batch_size:int=16, steps:int=
         res = train(cfg, progress=False)
         wall = time.perf_counter() - t
         lines = [json.loads(l) for l in Path(tmp, 'run', 'metrics.jsonl').read_text().splitlines()]
-    return dict(input='cache' if cache else f'DataLoader, {workers} workers', image_size=image_size, batch_size=batch_size,
-                steps=res['step'], images=res['images'], pairs_per_s=metrics_pairs_per_s(lines, batch_size, skip),
+    return dict(input='cache' if cache else f'DataLoader, {workers} workers', image_size=image_size, query_size=query_size,
+                batch_size=batch_size, queries_per_scene=queries_per_scene, amp=resolve_precision(precision, dev),
+                steps=res['step'], images=res['images'],
+                pairs_per_s=metrics_pairs_per_s(lines, batch_size, skip, queries_per_scene),
                 wall_s=wall, cache_s=cache_s, peak_mib=peak_memory_mib(dev), device=describe_machine(dev),
                 threads=torch.get_num_threads())
 
@@ -126,22 +134,28 @@ def settings(cuda:bool)->dict:
 
 def format_table(rows:dict, device:str)->str:
     "Markdown table of `bench_setting` results (`rows`: setting name -> result)"
-    header = ['setting', 'px', 'batch', 'precision', 'pairs/s', 'step ms', 'peak MiB', 'loss share', 'loss ms', 'loop ms', 'loop/batched']
-    body = [[name, r['image_size'], r['batch_size'], r['amp'], round(r['pairs_per_s'], 1), round(r['step_ms']),
+    header = ['setting', 'px', 'batch', 'K', 'precision', 'pairs/s', 'step ms', 'peak MiB', 'loss share', 'loss ms', 'loop ms', 'loop/batched']
+    body = [[name, r['image_size'], r['batch_size'], r['queries_per_scene'], r['amp'], round(r['pairs_per_s'], 1), round(r['step_ms']),
              round(r['peak_mib']), f"{r['loss_share']:.1%}", round(r['loss_ms'], 1), round(r['loop_ms'], 1),
              None if r['loop_over_batched'] != r['loop_over_batched'] else f"{r['loop_over_batched']:.1f}x"]   # NaN: loop not run
             for name, r in rows.items()]
     return f'device: {device}\n\n' + markdown_table(header, body, digits=1)
 
-def format_end_to_end(step:dict, runs:list, device:str)->str:
-    "Markdown table: the step alone (`bench_setting`) and end-to-end runs (`bench_end_to_end`)"
-    header = ['measured', 'px', 'batch', 'pairs/s', 'of step alone', 'peak MiB', 'loss share', 'cache build s', 'run wall s']
-    body = [['step alone (random uint8 scenes)', step['image_size'], step['batch_size'], round(step['pairs_per_s'], 2),
-             '100%', round(step['peak_mib']), f"{step['loss_share']:.1%}", None, None]]
-    body += [[f"las-train, {r['input']} ({r['images']} photos, {r['steps']} steps)", r['image_size'], r['batch_size'],
-              round(r['pairs_per_s'], 2), f"{r['pairs_per_s'] / step['pairs_per_s']:.0%}", round(r['peak_mib']), None,
-              None if r['cache_s'] != r['cache_s'] else round(r['cache_s'], 1), round(r['wall_s'], 1)] for r in runs]
-    return f"device: {device}; {step['threads']} torch threads; precision {step['amp']}\n\n" + markdown_table(header, body, digits=2)
+def format_end_to_end(rows:list,   # (step alone from `bench_setting`, [end-to-end runs from `bench_end_to_end`]), one per setting
+                      device:str)->str:
+    "Markdown table: per precision and K, the step alone and the end-to-end `las-train` runs; query pairs per second"
+    header = ['measured', 'px', 'query px', 'scenes', 'K', 'precision', 'pairs/s', 'of step alone', 'peak MiB', 'loss share',
+              'cache build s', 'run wall s']
+    body = []
+    for step, runs in rows:
+        geo = [step['image_size'], step['query_size'], step['batch_size'], step['queries_per_scene'], step['amp']]
+        body.append(['step alone (random uint8 scenes)', *geo, round(step['pairs_per_s'], 2), '100%', round(step['peak_mib']),
+                     f"{step['loss_share']:.1%}", None, None])
+        body += [[f"las-train, {r['input']} ({r['images']} photos, {r['steps']} steps)", *geo, round(r['pairs_per_s'], 2),
+                  f"{r['pairs_per_s'] / step['pairs_per_s']:.0%}", round(r['peak_mib']), None,
+                  None if r['cache_s'] != r['cache_s'] else round(r['cache_s'], 1), round(r['wall_s'], 1)] for r in runs]
+    threads = rows[0][0]['threads'] if rows else '?'
+    return f"device: {device}; {threads} torch threads; pairs = query crops (K per scene)\n\n" + markdown_table(header, body, digits=2)
 
 # %% ../nbs/05b_bench_train.ipynb #fc24a20f
 def default_data()->str|None:
@@ -171,13 +185,19 @@ def _main(argv:list):
     p.add_argument('--end-to-end', action='store_true', help='step alone + las-train on real photos, cache and no cache')
     p.add_argument('--data', help='photos for --end-to-end (default: shared/data/coco-unlabeled-256 beside the checkout, or $COCO_ROOT/train2017)')
     p.add_argument('--image-size', type=int, default=256, help='scene size for --end-to-end')
+    p.add_argument('--query-size', type=int, default=64, help='query crop size for --end-to-end')
+    p.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['auto', 'bf16', 'fp32'],
+                   help='precisions measured by --end-to-end')
+    p.add_argument('--queries-per-scene', nargs='+', type=int, default=[1, 4, 8], metavar='K',
+                   help='query crops per scene measured by --end-to-end')
+    p.add_argument('--no-dataloader', action='store_true', help='--end-to-end: leave out the DataLoader (--no-cache) run')
     p.add_argument('--workers', type=int, default=2, help='DataLoader workers of the no-cache run')
     p.add_argument('--cache-dir', help='decoded-image cache folder for --end-to-end (default: a temporary one, built in the run)')
     p.add_argument('--setting', help=argparse.SUPPRESS); p.add_argument('--json', action='store_true', help=argparse.SUPPRESS)
-    p.add_argument('--e2e-child', help=argparse.SUPPRESS)
+    p.add_argument('--e2e-child', help=argparse.SUPPRESS); p.add_argument('--e2e-child-setting', help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     dev = resolve_device(a.device); cuda = dev.type == 'cuda'
-    for name in ('steps', 'warmup', 'loss_reps', 'batch_size', 'image_size', 'workers'):
+    for name in ('steps', 'warmup', 'loss_reps', 'batch_size', 'image_size', 'query_size', 'workers'):
         v = getattr(a, name)
         if v is not None and v < (0 if name in ('warmup', 'workers') else 1): raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if a.e2e_child: print(json.dumps(bench_end_to_end(**json.loads(a.e2e_child))), flush=True); return
@@ -189,17 +209,24 @@ def _main(argv:list):
         if not Path(data).is_dir() and data != 'synthetic': raise FileNotFoundError(f"--data {data!r}: no such folder")
         batch = a.batch_size or (256 if cuda else 16)
         steps = a.steps or (60 if cuda else 6)
-        step = _child(['--setting', 'x', '--json', '--device', a.device, '--steps', str(a.steps or (20 if cuda else 3)),
-                       '--warmup', str(a.warmup), '--loss-reps', str(a.loss_reps), '--batch-size', str(batch),
-                       '--image-size', str(a.image_size)])
-        runs = []
+        bad = [k for k in a.queries_per_scene if k < 1]
+        if bad: raise ValueError(f"--queries-per-scene must be >= 1, got {bad[0]}")
+        rows = []
         with tempfile.TemporaryDirectory() as tmp:
-            for cache in (True, False):
-                kw = dict(data=data, image_size=a.image_size, batch_size=batch, steps=steps, cache=cache, workers=a.workers,
-                          device=a.device, cache_dir=a.cache_dir or f'{tmp}/cache')
-                runs.append(_child(['--e2e-child', json.dumps(kw)]))
-        print(format_end_to_end(step, runs, step['device']), flush=True); return
-    table = {**settings(cuda), 'x': dict(image_size=a.image_size, batch_size=TrainConfig().batch_size)}
+            for i, (prec, K) in enumerate((p_, k) for p_ in a.precisions for k in a.queries_per_scene):
+                geo = dict(image_size=a.image_size, query_size=a.query_size, precision=prec, queries_per_scene=K)
+                step = _child(['--setting', 'x', '--json', '--device', a.device, '--steps', str(a.steps or (20 if cuda else 3)),
+                               '--warmup', str(a.warmup), '--loss-reps', str(a.loss_reps), '--batch-size', str(batch),
+                               '--e2e-child-setting', json.dumps(geo)])
+                runs = []
+                for cache in ((True, False) if i == 0 and not a.no_dataloader else (True,)):   # the DataLoader once
+                    kw = dict(data=data, batch_size=batch, steps=steps, cache=cache, workers=a.workers, device=a.device,
+                              cache_dir=a.cache_dir or f'{tmp}/cache', **geo)
+                    runs.append(_child(['--e2e-child', json.dumps(kw)]))
+                rows.append((step, runs))
+        print(format_end_to_end(rows, rows[0][0]['device']), flush=True); return
+    table = {**settings(cuda), 'x': dict(image_size=a.image_size, batch_size=TrainConfig().batch_size,
+                                         **json.loads(a.e2e_child_setting or '{}'))}
     unknown = [s for s in a.settings + ([a.setting] if a.setting else []) if s not in table]
     if unknown: raise ValueError(f"unknown setting(s) {unknown}; valid: {list(settings(cuda))}")
     a.steps = a.steps or (20 if cuda else 2)

@@ -75,34 +75,39 @@ def _gather(x:Tensor)->Tensor:
     import torch.distributed.nn.functional as dist_fn
     return torch.cat(dist_fn.all_gather(x), 0)
 
-def ant_xent_logits(q:Tensor,          # (B, D) unit query embeddings
-                    cells:Tensor,      # (B, D, N) cell embeddings of every level, concatenated (any norm)
+def ant_xent_logits(q:Tensor,          # (B, D) unit query embeddings, scene-major: query b belongs to scene b // K
+                    cells:Tensor,      # (B_s, D, N) cell embeddings of every level, concatenated (any norm); K = B / B_s
                     pos:Tensor,        # (B, L) long: column of each query's positive on each level
                     anchor_ok:Tensor,  # (B, N) bool: the anchor negatives
                     layout:LevelLayout,
                     target:Tensor,     # (B,) long: column of each query's own positive among the (gathered) positives
-                    inter_image:bool=True,   # the other images' positives are negatives
+                    inter_image:bool=True,   # the positives of other scenes' queries are negatives
                     gather:bool=False,       # gather the positives from every rank
-                    anchor_negatives:int|None=None,  # K: keep the K best-scored anchor negatives per query and level
+                    anchor_negatives:int|None=None,  # K_a: keep the K_a best-scored anchor negatives per query and level
                     scores:Tensor|None=None, # (B, L, M) random scores in [0, 1) ranking the anchor negatives
-                   )->tuple:           # sims (B, L, C) cosine similarities, ok (B, L, C) bool; C = B_all + (M or K)
-    "Every level's candidates for each query, the level as a batch dimension: the positives of all images, then its own cells"
-    B, D, N = cells.shape
-    L = pos.shape[1]
-    norm = cells.norm(dim=1).clamp_min(1e-12)                            # (B, N), as `F.normalize`
-    anchor = torch.bmm(q[:, None], cells)[:, 0] / norm                   # (B, 1, D) @ (B, D, N) -> (B, N)
-    positives = cells.gather(2, pos[:, None].expand(B, D, L)) / norm.gather(1, pos)[:, None]   # (B, D, L)
-    keys = positives.transpose(1, 2)                                     # (B, D, L) -> (B, L, D)
+                   )->tuple:           # sims (B, L, C) cosine similarities, ok (B, L, C) bool; C = B_all + (M or K_a)
+    "Every level's candidates for each query, the level as a batch dimension: the positives of all queries, then its scene's cells"
+    Bs, D, N = cells.shape
+    B, L = pos.shape
+    K = B // Bs                                                          # queries per scene
+    norm = cells.norm(dim=1).clamp_min(1e-12)                            # (B_s, N), as `F.normalize`
+    anchor = (torch.bmm(q.view(Bs, K, D), cells) / norm[:, None]).flatten(0, 1)   # (B_s, K, D) @ (B_s, D, N) -> (B, N)
+    idx = pos.reshape(Bs, K * L)                                         # (B, L) -> (B_s, K*L): a scene's queries' positives
+    positives = cells.gather(2, idx[:, None].expand(Bs, D, K * L)) / norm.gather(1, idx)[:, None]   # (B_s, D, K*L)
+    keys = positives.view(Bs, D, K, L).permute(0, 2, 3, 1).reshape(B, L, D)       # (B_s, D, K, L) -> (B, L, D)
     keys = _gather(keys) if gather else keys                             # (B_all, L, D)
     # one (B, D) x (D, B_all * L) matmul: its gradient for the keys is contiguous, as gloo's all_gather backward needs
     inter = (q @ keys.flatten(0, 1).T).view(B, -1, L).transpose(1, 2)    # (B, B_all * L) -> (B, L, B_all)
-    if inter_image: inter_ok = torch.ones_like(inter, dtype=torch.bool)
-    else: inter_ok = torch.zeros_like(inter[:, :1], dtype=torch.bool).scatter_(2, target[:, None, None], True).expand_as(inter)
+    col = torch.arange(inter.shape[2], device=q.device)                  # (B_all,) global query index of each column
+    own = col == target[:, None]                                         # (B, B_all): the query's own positive
+    # another query of the same scene is never a negative: its cell is an anchor cell of this query or inside its box
+    inter_ok = (own | (col // K != target[:, None] // K)) if inter_image else own
+    inter_ok = inter_ok[:, None].expand_as(inter)                        # (B, L, B_all)
     anchor = anchor[:, layout.pad_index]                                 # (B, N) -> (B, L, M), M = largest H*W
     ok = anchor_ok[:, layout.pad_index] & layout.pad_valid               # (B, L, M)
-    if anchor_negatives is not None:                                     # K anchor negatives per query and level
-        idx = scores.masked_fill(~ok, -1.).topk(min(anchor_negatives, ok.shape[2]), dim=2).indices  # (B, L, K) valid first
-        anchor, ok = anchor.gather(2, idx), ok.gather(2, idx)            # (B, L, K) each
+    if anchor_negatives is not None:                                     # K_a anchor negatives per query and level
+        idx = scores.masked_fill(~ok, -1.).topk(min(anchor_negatives, ok.shape[2]), dim=2).indices  # (B, L, K_a) valid first
+        anchor, ok = anchor.gather(2, idx), ok.gather(2, idx)            # (B, L, K_a) each
     return torch.cat([inter, anchor], 2), torch.cat([inter_ok, ok], 2)   # (B, L, C) each
 
 # %% ../nbs/03_loss.ipynb #aac118fb
@@ -115,10 +120,10 @@ def _diagnostics(sims:Tensor, ok:Tensor, target:Tensor)->tuple:   # (B, L, C), (
 def _ant_xent(query:Tensor, grids:tuple, boxes:Tensor, image_size:float, layout:LevelLayout, target:Tensor,
               temperature:float, inter_image:bool, gather:bool, anchor_negatives:int|None, scores:Tensor|None,
              )->tuple:   # per-level losses (L,), avg_pos, avg_neg (detached scalars)
-    "The loss from checked inputs (grids: L x (B, D, H, W)); autocast off; the part `torch.compile` may fuse"
+    "The loss from checked inputs (query (B, D), grids: L x (B_s, D, H, W)); autocast off; the part `torch.compile` may fuse"
     dt = torch.promote_types(query.dtype, torch.float32)
     q = F.normalize(query.to(dt), dim=1)                                         # (B, D)
-    cells = torch.cat([g.flatten(2).to(dt) for g in grids], 2)                   # L x (B, D, H, W) -> (B, D, N)
+    cells = torch.cat([g.flatten(2).to(dt) for g in grids], 2)                   # L x (B_s, D, H, W) -> (B_s, D, N)
     pos, anchor_ok = anchor_masks(boxes.to(q.device, dt), layout, image_size)    # (B, L), (B, N)
     sims, ok = ant_xent_logits(q, cells, pos, anchor_ok, layout, target, inter_image, gather,
                                anchor_negatives, scores)                         # (B, L, C) each
@@ -129,10 +134,10 @@ def _ant_xent(query:Tensor, grids:tuple, boxes:Tensor, image_size:float, layout:
     return losses.view(B, L).mean(0), avg_pos, avg_neg                           # (B, L) -> (L,)
 
 class AntXentLoss(nn.Module):
-    "Anchor-based NT-Xent over every pyramid level (see the equation above)"
+    "Anchor-based NT-Xent over every pyramid level (see the equation above), with `K = B / B_s` queries per scene"
     def __init__(self, temperature:float=0.1,   # softmax temperature, >= `MIN_TEMPERATURE`
-                 anchor_negatives:int|None=None, # None = every cell outside the box; K = K of them drawn per query
-                 inter_image:bool=True,          # use the other images' positives as negatives
+                 anchor_negatives:int|None=None, # None = every cell outside the box; K_a = K_a of them drawn per query
+                 inter_image:bool=True,          # use the other scenes' positives as negatives
                  gather:bool|None=None,          # gather positives across ranks; None = when world size > 1
                  compile:bool=False):            # `torch.compile` the loss (single process only; eager when gathering)
         super().__init__()
@@ -155,11 +160,12 @@ class AntXentLoss(nn.Module):
         if boxes.shape != (B, 4): raise ValueError(f"boxes must be ({B}, 4) to match query {tuple(query.shape)}, got {tuple(boxes.shape)}")
         if not grids: raise ValueError("grids is empty: need at least one level")
         for level, g in grids.items():
-            if g.ndim != 4 or g.shape[:2] != (B, D):
-                raise ValueError(f"grids[{level!r}] must be ({B}, {D}, H, W), got {tuple(g.shape)}")
+            if g.ndim != 4 or g.shape[1] != D or g.shape[0] < 1 or B % g.shape[0] or g.shape[0] != next(iter(grids.values())).shape[0]:
+                raise ValueError(f"grids[{level!r}] must be (B_s, {D}, H, W) with B_s the same on every level and dividing "
+                                 f"the {B} queries (K = {B} / B_s queries per scene), got {tuple(g.shape)}")
 
-    def forward(self, query:Tensor,  # (B, D) query embeddings
-                grids:dict,          # level -> (B, D, H, W) scene grid embeddings
+    def forward(self, query:Tensor,  # (B, D) query embeddings, scene-major: query b was cut from scene b // K
+                grids:dict,          # level -> (B_s, D, H, W) scene grid embeddings, B = K * B_s
                 boxes:Tensor,        # (B, 4) xywh crop boxes in scene pixels
                 image_size:int,      # side S of the square scenes
                 generator:torch.Generator|None=None,  # for sampling anchor negatives
@@ -180,22 +186,27 @@ class AntXentLoss(nn.Module):
         return LossOutput(per_level.mean(), avg_pos, avg_neg, dict(zip(grids, per_level.detach().unbind())))
 
 # %% ../nbs/03_loss.ipynb #4fdae120
-def ant_xent_reference(query:Tensor, grids:dict, boxes:Tensor, image_size:int,
-                       temperature:float=0.1, inter_image:bool=True)->Tensor:
-    "ANT-Xent (all anchor negatives) as a per-sample Python loop: slow, for tests and benchmarks"
+def ant_xent_reference(query:Tensor,     # (B, D), scene-major: query b was cut from scene b // K
+                       grids:dict,       # level -> (B_s, D, H, W), K = B / B_s queries per scene
+                       boxes:Tensor,     # (B, 4) xywh in scene pixels
+                       image_size:int, temperature:float=0.1, inter_image:bool=True)->Tensor:
+    "ANT-Xent (all anchor negatives) as a per-query Python loop: slow, for tests and benchmarks"
     q = F.normalize(query.float() if query.dtype != torch.float64 else query, dim=1)
+    B = len(q)
     level_losses = []
     for g in grids.values():
-        B, D, H, W = g.shape
-        cells = F.normalize(g.to(q.dtype), dim=1).flatten(2)                          # (B, D, H*W)
+        Bs, D, H, W = g.shape
+        K = B // Bs
+        cells = F.normalize(g.to(q.dtype), dim=1).flatten(2)                          # (B_s, D, H*W)
         pos = [int(positive_cells(boxes[b:b + 1], (H, W), image_size)) for b in range(B)]
         losses = []
         for b in range(B):
-            p = q[b] @ cells[b, :, pos[b]]
-            others = [q[b] @ cells[o, :, pos[o]] for o in range(B) if o != b] if inter_image else []
+            s = b // K                                                                # the scene query b was cut from
+            p = q[b] @ cells[s, :, pos[b]]
+            others = [q[b] @ cells[o // K, :, pos[o]] for o in range(B) if o // K != s] if inter_image else []
             outside = ~cells_in_boxes(boxes[b:b + 1], (H, W), image_size)[0]          # (H*W,) centre outside the box
             outside[pos[b]] = False
-            anchors = (q[b] @ cells[b])[outside.to(q.device)]
+            anchors = (q[b] @ cells[s])[outside.to(q.device)]
             logits = torch.cat([p[None], *(o[None] for o in others), anchors]) / temperature
             losses.append(-torch.log_softmax(logits, 0)[0])
         level_losses.append(torch.stack(losses).mean())

@@ -5,7 +5,7 @@
 # %% ../nbs/05_train.ipynb #94799fba
 from __future__ import annotations
 import argparse, json, math, os, shutil, sys, time
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
 
 import torch, torch.distributed as dist
@@ -13,7 +13,7 @@ from torch import nn, Tensor
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from .utils import atomic_write_json, resolve_device, RunLock, run_cli, script_entry
+from .utils import atomic_write_json, resolve_device, resolve_precision, RunLock, run_cli, script_entry
 from .checkpoint import (save_checkpoint, load_checkpoint, periodic_checkpoints, prune_checkpoints,
                                          truncate_metrics)
 from .distributed import CachedScenes, LoaderScenes, epoch_order, init_distributed, mean_across_ranks
@@ -39,7 +39,8 @@ class TrainConfig:
     weights: str|None = None        # None (random init), 'imagenet' or a state_dict path
     epochs: int = 1                 # full passes over the images (ignored when `steps` is set)
     steps: int|None = None          # total optimiser steps; overrides `epochs`
-    batch_size: int = 16            # global batch (image pairs), split evenly across ranks
+    batch_size: int = 16            # global batch of scenes, split evenly across ranks
+    queries_per_scene: int = 4      # K query crops cut from each scene per step (batch_size * K query pairs a step)
     image_size: int = 256           # scenes are resized to image_size x image_size
     query_size: int = 64            # query crops are resized to query_size x query_size
     crop_frac: tuple = (0.10, 0.25) # query side as a fraction of the longer image side (lo, hi)
@@ -62,6 +63,7 @@ class TrainConfig:
     skip_unreadable: bool = False   # leave unreadable images out (counted and named) instead of stopping
     workers: int = 2                # DataLoader worker processes with --no-cache (decoding, resizing)
     compile: bool = False           # torch.compile the model
+    precision: str = 'auto'         # 'auto' (bf16 on CUDA and CPUs with native bf16, else fp32), 'bf16' or 'fp32'
     limit_images: int|None = None   # use only the first N images
 
     def to_dict(self)->dict:
@@ -104,7 +106,7 @@ def _validate(c:TrainConfig)->TrainConfig:
            "no such folder (give a folder of images, a COCO root, or 'synthetic')")
     _chapter_check('image_size', c.image_size, check_image_size)
     _check(_is_int(c.query_size, 8) and c.query_size <= c.image_size, 'query_size', c.query_size, 'must be in [8, image_size]')
-    for name in ('dim', 'epochs', 'batch_size', 'checkpoint_every', 'log_every'):
+    for name in ('dim', 'epochs', 'batch_size', 'queries_per_scene', 'checkpoint_every', 'log_every'):
         _check(_is_int(getattr(c, name), 1), name, getattr(c, name), 'must be an integer >= 1')
     for name in ('steps', 'anchor_negatives', 'limit_images'):
         v = getattr(c, name); _check(v is None or _is_int(v, 1), name, v, 'must be None or an integer >= 1')
@@ -117,6 +119,7 @@ def _validate(c:TrainConfig)->TrainConfig:
     _chapter_check('levels', c.levels, check_levels)
     _check(c.cache_dir is None or isinstance(c.cache_dir, str), 'cache_dir', c.cache_dir, 'must be a folder path or None')
     _chapter_check('device', c.device, resolve_device)
+    _chapter_check('precision', c.precision, resolve_precision)
     return c
 
 TrainConfig.validate = _validate
@@ -125,7 +128,7 @@ TrainConfig.validate = _validate
 def _opt_int(s:str): return None if str(s).lower() in ('none', 'null', '') else int(s)
 def _opt_str(s:str): return None if str(s).lower() in ('none', 'null', '') else s
 
-_FLAG_TYPES = dict(dim=int, epochs=int, steps=_opt_int, batch_size=int, image_size=int, query_size=int, lr=float,
+_FLAG_TYPES = dict(dim=int, epochs=int, steps=_opt_int, batch_size=int, queries_per_scene=int, image_size=int, query_size=int, lr=float,
                    weight_decay=float, warmup_steps=_opt_int, temperature=float, anchor_negatives=_opt_int, seed=int,
                    checkpoint_every=int, keep_checkpoints=int, log_every=int, workers=int, limit_images=_opt_int,
                    weights=_opt_str, cache_dir=_opt_str)
@@ -270,16 +273,16 @@ def train_step(model:nn.Module,       # LearnAndSearch (possibly DDP / compiled)
                loss_fn:nn.Module,     # AntXentLoss
                optimizer, scheduler,
                scenes:torch.Tensor,   # uint8 (b, 3, S, S)
-               boxes:torch.Tensor,    # (b, 4) xywh in scene pixels
+               boxes:torch.Tensor,    # (b * K, 4) xywh in scene pixels, K per scene, scene-major
                generator:torch.Generator, # on the training device; every random draw of the step
-               amp:bool=False,        # bf16 autocast (CUDA)
+               amp:bool=False,        # bf16 autocast (on the generator's device: CUDA or CPU)
                channels_last:bool=False,
               ):
-    "One optimiser step on a batch of scenes and boxes; returns the loss output"
+    "One optimiser step on a batch of scenes and their `K` boxes each; returns the loss output"
     device = generator.device
     scenes = scenes.to(device, non_blocking=True).float().div_(255)   # uint8 -> float [0, 1]
     boxes = boxes.to(device, non_blocking=True).float()
-    with torch.no_grad(): crops = augment(scenes, boxes, generator=generator)   # (b, 3, q, q)
+    with torch.no_grad(): crops = augment(scenes, boxes, generator=generator)   # (b * K, 3, q, q), scenes not copied
     if channels_last:
         scenes, crops = scenes.contiguous(memory_format=torch.channels_last), crops.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -298,9 +301,16 @@ def _same_data(a:str, b:str)->bool:
     if 'synthetic' in (a, b): return a == b
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
+def _legacy_fields(saved:dict)->dict:
+    "What a checkpoint written before `queries_per_scene` and `precision` existed trained with"
+    dev = str(saved.get('device', 'cpu'))   # such runs autocast to bf16 on CUDA only
+    cuda = dev.startswith('cuda') or (dev == 'auto' and torch.cuda.is_available())
+    return dict(queries_per_scene=1, precision='bf16' if cuda else 'fp32')
+
 def _check_resumable(config:TrainConfig, saved:dict, path):
     "Raise ValueError naming the fields that differ from the checkpoint's config"
     names = {f.name for f in fields(TrainConfig)}
+    saved = {**_legacy_fields(saved), **saved}
     saved = TrainConfig.from_dict({k: v for k, v in saved.items() if k in names})
     diff = [f'{f.name}: checkpoint {getattr(saved, f.name)!r} != {getattr(config, f.name)!r}' for f in fields(TrainConfig)
             if f.name not in RESUME_MAY_CHANGE and getattr(saved, f.name) != getattr(config, f.name)
@@ -438,7 +448,7 @@ def _loop(s:RunState)->dict:
                                                   find_unused_parameters=set(s.model.levels) != set(ALL_LEVELS))
     if c.compile: net = torch.compile(net)
     s.model.train()
-    cuda, spe, metrics = s.device.type == 'cuda', s.steps_per_epoch, None
+    spe, metrics = s.steps_per_epoch, None
     bar = tqdm(total=s.total, initial=s.step, desc='las-train', unit='step', disable=s.rank != 0, dynamic_ncols=True)
     log = open(s.folder.out/'metrics.jsonl', 'a') if s.rank == 0 else None
     t0, n0 = time.perf_counter(), s.step
@@ -448,19 +458,21 @@ def _loop(s:RunState)->dict:
             for scenes in s.scenes.epoch(epoch, s.step % spe):
                 lr = s.optimizer.param_groups[0]['lr']
                 g = step_generator(c.seed, s.step, s.rank, s.device)
-                boxes = sample_query_boxes(len(scenes), c.image_size, c.crop_frac, g)     # (b, 4) on the device
+                boxes = sample_query_boxes(len(scenes) * c.queries_per_scene, c.image_size, c.crop_frac, g)  # (b*K, 4)
                 res = train_step(net, s.augment, s.loss_fn, s.optimizer, s.scheduler, scenes, boxes, g,
-                                 amp=cuda, channels_last=True)
+                                 amp=c.precision == 'bf16', channels_last=True)
                 s.step += 1
                 if s.step % c.log_every == 0 or s.step == s.total:
                     vals = mean_across_ranks(dict(loss=res.loss.detach(), avg_pos=res.avg_pos, avg_neg=res.avg_neg))
                     dt = time.perf_counter() - t0
-                    metrics = dict(step=s.step, epoch=epoch, **vals, lr=lr, images_per_s=(s.step - n0) * c.batch_size / max(dt, 1e-9))
+                    images_s = (s.step - n0) * c.batch_size / max(dt, 1e-9)
+                    metrics = dict(step=s.step, epoch=epoch, **vals, lr=lr, images_per_s=images_s,
+                                   pairs_per_s=images_s * c.queries_per_scene)
                     t0, n0 = time.perf_counter(), s.step
                     if s.rank == 0:
                         log.write(json.dumps(metrics) + '\n'); log.flush()
                         bar.set_postfix(loss=f"{vals['loss']:.3f}", pos=f"{vals['avg_pos']:.2f}", neg=f"{vals['avg_neg']:.2f}",
-                                        pairs_s=f"{metrics['images_per_s']:.1f}")
+                                        pairs_s=f"{metrics['pairs_per_s']:.1f}")
                         if s.callback is not None: s.callback(s.step, metrics)
                 bar.update(1)
                 end_of_epoch, done = s.step % spe == 0, s.step >= s.total
@@ -490,6 +502,7 @@ def train(config:TrainConfig, # validated here
             if world > 1: device = torch.device('cuda', ddp['local_rank'])
             elif device.index is None: device = torch.device('cuda', torch.cuda.current_device())
             torch.cuda.set_device(device); torch.backends.cudnn.benchmark = True
+        config = replace(config, precision=resolve_precision(config.precision, device))   # config.json names what ran
         folder = RunFolder.open(config, rank)
         ckpt = folder.start(config)
         scenes, n_images, skipped = open_scenes(config, rank, world, device, progress)

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['EXPECTED_ERRORS', 'current_umask', 'file_mode', 'dir_mode', 'fsync_dir', 'atomic_path', 'atomic_write',
+__all__ = ['PRECISIONS', 'EXPECTED_ERRORS', 'current_umask', 'file_mode', 'dir_mode', 'fsync_dir', 'atomic_path', 'atomic_write',
            'atomic_write_json', 'format_cell', 'markdown_table', 'frame_markdown', 'describe_machine', 'resolve_device',
-           'RunLockedError', 'RunLock', 'error_line', 'run_cli', 'script_entry']
+           'native_bf16_cpu', 'resolve_precision', 'RunLockedError', 'RunLock', 'error_line', 'run_cli', 'script_entry']
 
 # %% ../nbs/00_utils.ipynb #241817c7
 def current_umask()->int:
@@ -101,6 +101,23 @@ def resolve_device(name='auto')->torch.device:
             raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type not in ('cpu', 'mps'): raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}")
     return dev
+
+# %% ../nbs/00_utils.ipynb #prec0cd
+PRECISIONS = ('auto', 'bf16', 'fp32')
+
+def native_bf16_cpu()->bool:
+    "Whether this CPU runs bf16 matrix maths natively (AVX512-BF16 or AMX), as torch detects it"
+    probes = [getattr(torch.cpu, n, None) for n in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
+    return any(bool(p()) for p in probes if p is not None)
+
+def resolve_precision(precision:str='auto',  # 'auto', 'bf16' or 'fp32'
+                      device='cpu',          # the device the model runs on
+                     )->str:                 # 'bf16' or 'fp32'
+    "'auto' -> bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere; a ValueError for anything else"
+    if precision not in PRECISIONS: raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != 'auto': return precision
+    dev = torch.device(device)
+    return 'bf16' if dev.type == 'cuda' or (dev.type == 'cpu' and native_bf16_cpu()) else 'fp32'
 
 # %% ../nbs/00_utils.ipynb #7267c536
 class RunLockedError(RuntimeError):
