@@ -225,15 +225,15 @@ def _main(argv:list):
                     runs.append(_child(['--e2e-child', json.dumps(kw)]))
                 rows.append((step, runs))
         print(format_end_to_end(rows, rows[0][0]['device']), flush=True); return
-    table = {**settings(cuda), 'x': dict(image_size=a.image_size, batch_size=TrainConfig().batch_size,
-                                         **json.loads(a.e2e_child_setting or '{}'))}
+    table = {**settings(cuda), 'x': {**dict(image_size=a.image_size, batch_size=TrainConfig().batch_size),
+                                     **json.loads(a.e2e_child_setting or '{}')}}
     unknown = [s for s in a.settings + ([a.setting] if a.setting else []) if s not in table]
     if unknown: raise ValueError(f"unknown setting(s) {unknown}; valid: {list(settings(cuda))}")
     a.steps = a.steps or (20 if cuda else 2)
     if a.setting:   # child: run one setting, print one JSON line
         kw = {**table[a.setting], **({'batch_size': a.batch_size} if a.batch_size else {})}
         r = bench_setting(**kw, steps=a.steps, warmup=a.warmup, loss_reps=a.loss_reps, device=a.device,
-                          loop=kw['batch_size'] <= 64)
+                          loop=kw['batch_size'] * kw.get('queries_per_scene', 1) <= 64)
         print(json.dumps(r) if a.json else format_table({a.setting: r}, r['device']), flush=True); return
     rows = {}
     for name in a.settings:

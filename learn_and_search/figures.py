@@ -16,6 +16,8 @@ from PIL import Image
 from .grid import cell_boxes, cell_centers
 from .models import LEVELS
 from .utils import atomic_write, atomic_write_json, describe_machine, frame_markdown
+from .targets import target_markdown_frame, target_rows
+from .curves import curve_markdown_frame, curve_table, pairs_seen, plot_sga_vs_pairs, read_curves
 
 # %% auto #0
 __all__ = ['COLUMNS', 'KS', 'CATEGORY_COLUMNS', 'PAPER_CLAIMS', 'sga_table', 'with_intervals', 'retrieval_table',
@@ -549,15 +551,15 @@ def readme_text(title:str,        # first heading
 # %% ../nbs/08a_figures.ipynb #962a936b
 def read_run(runs,          # run folder: train/<model>/{config.json,metrics.jsonl}, eval/<model>/metrics.json, <step>.json
              models:list,   # models of the run, in plot order
-            )->dict:        # metrics, logs, configs (model -> ...), records (step -> record), runs (Path)
-    "The logs, configurations, metrics and step records of a run folder"
+            )->dict:        # metrics, logs, configs, curves (model -> ...), records (step -> record), runs (Path)
+    "The logs, configurations, metrics, SGA-against-pairs curves and step records of a run folder"
     runs = Path(runs)
     def load(p):
         try: return json.loads(p.read_text())
         except (OSError, ValueError) as e: raise ValueError(f"run folder {runs}: cannot read {p}: {e}") from None
     return dict(runs=runs, metrics={m: load(runs/'eval'/m/'metrics.json') for m in models},
                 logs={m: read_log(runs/'train'/m/'metrics.jsonl') for m in models},
-                configs={m: load(runs/'train'/m/'config.json') for m in models},
+                configs={m: load(runs/'train'/m/'config.json') for m in models}, curves=read_curves(runs, models),
                 records={p.stem: load(p) for p in sorted(runs.glob('*.json'))})
 
 def _shown(p)->str:
@@ -574,9 +576,9 @@ def _training_data(cfg:dict)->str:
     return s + (f", first {cfg['limit_images']}" if cfg.get('limit_images') else '')
 
 def _pairs(cfg:dict, log:pd.DataFrame)->int:
-    "Image pairs a model saw: its last logged step times the batch"
+    "Query pairs a model saw: its last logged step times the scenes a step times the queries per scene"
     steps = int(log['step'].iloc[-1]) if len(log) and 'step' in log else int(cfg.get('steps') or 0)
-    return steps * int(cfg['batch_size'])
+    return pairs_seen(cfg, steps)
 
 # %% ../nbs/08a_figures.ipynb #fce3bc2f
 def results_readme(run:dict,       # from `read_run`
@@ -587,6 +589,7 @@ def results_readme(run:dict,       # from `read_run`
                    command:str,    # the command that regenerates the folder (Markdown)
                    data:str, split:str, seed:int, k:int=10,
                    paper_scale:bool=False,  # the full-length scale: no "short run" note
+                   targets:dict|None=None,  # the scale's targets (`targets.target_rows`), checked in their own section
                   )->str:
     "The README of a folder of results: setup, then each paper claim beside our table and figures"
     models, metrics, logs, configs, records = list(run['metrics']), run['metrics'], run['logs'], run['configs'], run['records']
@@ -600,7 +603,9 @@ def results_readme(run:dict,       # from `read_run`
         'command': command,
         'models': ', '.join(models) + f" ({cfg['arch']}, embedding {cfg['dim']}, random init, no labels)",
         'training data': _training_data(cfg),
-        'training length': ', '.join(f"{m} {pairs[m]:,} pairs" for m in models) + f" (batch {cfg['batch_size']})",
+        'training length': ', '.join(f"{m} {pairs[m]:,} pairs" for m in models)
+                           + f" (query pairs: {cfg['batch_size']} scenes a step x {cfg.get('queries_per_scene') or 1} queries per scene)",
+        'precision': f"{cfg.get('precision') or 'not recorded'} (autocast of both branches; the loss in float32)",
         'scene, query': f"{cfg['image_size']} px, {cfg['query_size']} px",
         'evaluation data': f"{_shown(data)} {split}: gallery of {G} images, {first['n_queries']['localization']} localization "
                            f"queries, {first['n_queries']['retrieval']} object queries",
@@ -625,6 +630,8 @@ def results_readme(run:dict,       # from `read_run`
     sections = [
         dict(heading='Against the paper', claim='SGA up to 84% (best model and layer); top-10 accuracy up to 71%.',
              table=md['headline'], notes=['', *claims, '', *note]),
+        *([dict(heading='Targets of this scale', table=md['targets'],
+                claim='not in the paper: the goals this scale was run to meet, each as measured here.')] if 'targets' in md else []),
         dict(heading='Layer-wise SGA, standard queries', table=md['sga_standard'],
              claim='layer-wise Similarity Grid Accuracy of models 1-4 on the FPN levels, up to 84%.',
              notes=['', 'Each SGA with its 95% interval in brackets (bootstrap over images).', ''],
@@ -643,6 +650,14 @@ def results_readme(run:dict,       # from `read_run`
                    f'by the most-returned 1% of the {G} gallery images).'),
         dict(heading='Precision@10 per category (beyond the paper)', table=md['per_category'] if len(md['per_category']) else None,
              claim='not in the paper: P@10 of the 20 categories with most object queries, beside its chance rate.'),
+        dict(heading='SGA against training pairs seen (beyond the paper)',
+             table=md['sga_vs_pairs'] if 'sga_vs_pairs' in md else None,
+             claim='not in the paper: SGA (all levels, 95% interval) of the long-trained models at evenly spaced points of '
+                   'their run, on the same queries as the final evaluation, beside template matching and the paper\'s 84%.',
+             figures=has('sga_vs_pairs.png')),
+        *([dict(heading='Learning per CPU-minute', table=None, claim='not in the paper: how settings trade speed for learning '
+                'on 2 CPU cores (measured by `scripts/cpu_budget.py`, not by this notebook).', notes=['', *extra])]
+          if (extra := run.get('extra_sections')) else []),
         dict(heading='Loss dynamics', table=md['loss'],
              claim='training loss with the average positive and average negative similarity against the step, four models.',
              figures=has('loss_dynamics.png')),
@@ -658,15 +673,24 @@ def results_readme(run:dict,       # from `read_run`
              "Every table is also in this folder as CSV."]
     return readme_text(f'Learn and Search: `{grid}` results', intro, setup, sections)
 
+def _target_models(v)->set: return {v} if isinstance(v, str) else {v[0]}
+
 def render_run(run:dict,            # from `read_run`
                out,                 # folder for tables, figures and README.md
                grid:str, about:str, command:str,  # scale name, one line on it, the command that regenerates it
                data:str, split:str, # the evaluation images (the top-k grids reload their pixels)
                seed:int=0, k:int=10, paper_scale:bool=False,
+               targets:dict|None=None,  # the scale's targets, checked in the README (`targets.target_rows`)
               )->Path:              # out/README.md
     "Every table, figure and the README of a run folder, from its saved data alone (no model)"
     out, models, metrics, logs = Path(out), list(run['metrics']), run['metrics'], run['logs']
     tables = run_tables(metrics, logs)
+    if targets:
+        tt = target_rows(metrics, logs, {k: v for k, v in targets.items() if _target_models(v) <= set(models)})
+        tables['targets'] = (tt, target_markdown_frame(tt))
+    if run.get('curves'):
+        ct = curve_table(run['curves'])
+        tables['sga_vs_pairs'] = (ct, curve_markdown_frame(ct))
     write_tables(tables, out)
     cfg = run['configs'][models[0]]
     written = save_figure(plot_loss_dynamics(logs, f'Loss dynamics ({grid}: batch {cfg["batch_size"]}, {cfg["image_size"]} px)'),
@@ -674,6 +698,13 @@ def render_run(run:dict,            # from `read_run`
     for proto in ('standard', 'hard'):
         if tables[f'sga_{proto}'][0].loc[models, COLUMNS].notna().any().any():
             written += save_figure(plot_sga(metrics, proto), out/f'sga_{proto}', svg=True)
+    if run.get('curves'):
+        tm = _nested(metrics[models[0]], 'baselines', 'template_matching') or {}
+        written += save_figure(plot_sga_vs_pairs(run['curves'], {'standard': tm.get('sga'), 'hard': tm.get('sga_hard')},
+                                                 PAPER_CLAIMS['sga'], f'SGA against training pairs seen ({grid})'),
+                               out/'sga_vs_pairs', svg=True)
+    budget = out/'cpu_budget.md'   # the learning-per-CPU-minute table, made by scripts/cpu_budget.py
+    if budget.is_file(): run = {**run, 'extra_sections': budget.read_text().strip().splitlines()}
     G = metrics[models[0]]['gallery_size']
     for m in models:
         ev = run['runs']/'eval'/m
@@ -684,5 +715,5 @@ def render_run(run:dict,            # from `read_run`
             tk = load_topk(ev/'topk.json', data, run['configs'][m]['query_size'])
             written += save_figure(plot_topk(tk, f"Top-{k} retrieval, {m} ({grid}, gallery of {G} images; green ✓ = holds "
                                    "the query's category)"), out/f'top{k}_{m}', palette=True)
-    text = results_readme(run, tables, [p.name for p in written], grid, about, command, data, split, seed, k, paper_scale)
+    text = results_readme(run, tables, [p.name for p in written], grid, about, command, data, split, seed, k, paper_scale, targets)
     return atomic_write(out/'README.md', text)

@@ -11,14 +11,16 @@ from pathlib import Path
 from .utils import RunLock, atomic_path, atomic_write, atomic_write_json, resolve_device, run_cli, script_entry
 
 # %% auto #0
-__all__ = ['MODELS', 'SCALES', 'PRESETS', 'RUNNERS', 'ARCHIVE_LIMIT', 'OPTIONAL', 'check_scale', 'model_steps', 'resolve_data',
-           'Step', 'paper_notebooks', 'build_grid', 'canonical_json', 'notebook_hash', 'step_hash', 'read_record',
-           'is_done', 'StepFailed', 'step_function', 'run_step', 'run_grid', 'train_step', 'evaluate_step',
-           'figures_step', 'pack_run', 'unpack_run', 'write_figures_index', 'main']
+__all__ = ['MODELS', 'MINI_PAIRS', 'MINI_K', 'SCALES', 'PRESETS', 'RUNNERS', 'ARCHIVE_LIMIT', 'OPTIONAL', 'check_scale',
+           'model_steps', 'snapshot_every', 'resolve_data', 'Step', 'paper_notebooks', 'build_grid', 'canonical_json',
+           'notebook_hash', 'step_hash', 'read_record', 'is_done', 'StepFailed', 'step_function', 'run_step',
+           'run_grid', 'train_step', 'evaluate_step', 'figures_step', 'pack_run', 'unpack_run', 'write_figures_index',
+           'main']
 
 # %% ../nbs/08_reproduce.ipynb #f760b4a4
 MODELS = ('model1', 'model2', 'model3', 'model4', 'robust')   # the paper's four training presets and the robust one
 
+MINI_PAIRS, MINI_K = 300_000, 8   # the mini budget in query pairs and queries per scene: see the table in figures/mini
 _GEOMETRY_128 = dict(split='train2017', arch='resnet18', dim=128, image_size=128, query_size=32, epochs=1, lr=1e-3,
                      limit_images=None, cache=True)
 SCALES = {
@@ -28,17 +30,26 @@ SCALES = {
         evaluate=dict(data='synthetic', split='val2017', queries='both', baselines=True, max_images=None),
         figures=dict(n_examples=3, n_queries=4, k=10)),
     'mini': dict(
-        about='unlabeled photos for training, COCO val2017 (a subset) for evaluation, under an hour on 2 CPU cores',
+        about='unlabeled photos for training, COCO val2017 + train2017 (a subset) for evaluation, about 75 minutes on 2 CPU cores',
         device='auto', seed=0, committed=True,
-        train=dict(_GEOMETRY_128, data=None, steps=200, batch_size=16, workers=2),
+        pairs=MINI_PAIRS, share=dict(model1=0.1, model2=0.1, model3=0.1, model4=0.35, robust=0.35),
+        curve=dict(models=('model4', 'robust'), points=5),
+        targets=dict(sga=('model4', 0.60), riga_ratio=('model4', 15), hard=('robust', 0.50), throughput=('model4', 100),
+                     retrieval='model4'),
+        train=dict(_GEOMETRY_128, data=None, steps=None, batch_size=16, queries_per_scene=MINI_K, precision='auto',
+                   lr=2e-3, workers=2),
         evaluate=dict(data=None, split='val2017,train2017', queries='both', baselines=True, max_images=None),
         figures=dict(n_examples=4, n_queries=6, k=10)),
     'gpu': dict(
         about='the paper grid on one GPU in under 9 minutes: coco-unlabeled-256 (or COCO train2017) for training, '
               'coco-mini-320 for evaluation', device='cuda', seed=0, committed=True,
         pairs=1_000_000, share=dict(model1=0.1, model2=0.1, model3=0.1, model4=0.35, robust=0.35),
+        curve=dict(models=('model4', 'robust'), points=5),
+        targets=dict(sga=('model4', 0.90), riga_ratio=('model4', 20), hard=('robust', 0.90), throughput=('model4', 6000),
+                     retrieval='model4'),
         train=dict(data=None, split='train2017', arch='resnet18', dim=256, image_size=256, query_size=64, epochs=1,
-                   steps=None, batch_size=256, lr=1e-3, workers=8, limit_images=None, cache=True),
+                   steps=None, batch_size=256, queries_per_scene=1, precision='auto', lr=1e-3, workers=8,
+                   limit_images=None, cache=True),
         evaluate=dict(data=None, split='val2017,train2017', queries='both', baselines=True, max_images=None),
         figures=dict(n_examples=6, n_queries=8, k=10)),
     'paper': dict(
@@ -57,13 +68,20 @@ def check_scale(scale:str)->str:
     return scale
 
 def model_steps(scale:str, model:str, pairs:int|None=None, tiny:bool=False)->int|None:
-    "Optimiser steps of `model` at `scale`: its share of the scale's `pairs` budget (or `pairs`), else the scale's fixed steps"
+    "Optimiser steps of `model` at `scale`: its share of the scale's `pairs` budget (or `pairs`) in query pairs, else the scale's fixed steps"
     s = SCALES[check_scale(scale)]
     if tiny: return 2
     if 'share' not in s: return s['train']['steps']
     total = s['pairs'] if pairs is None else pairs
     if total < 1: raise ValueError(f"pairs must be >= 1, got {total}")
-    return max(1, round(total * s['share'][model] / s['train']['batch_size']))
+    per_step = s['train']['batch_size'] * s['train'].get('queries_per_scene', 1)   # query pairs a step
+    return max(1, round(total * s['share'][model] / per_step))
+
+def snapshot_every(scale:str, model:str, steps:int)->int|None:
+    "Steps between the weights-only snapshots of `model` that the SGA-against-pairs curve evaluates (None: no curve)"
+    curve = SCALES[check_scale(scale)].get('curve')
+    if not curve or model not in curve['models']: return None
+    return max(1, -(-steps // curve['points']))   # ceil: `points` snapshots, the last at the final step
 
 def _tiny(settings:dict)->dict:
     "`settings` shrunk to seconds of CPU (the hidden `--tiny` flag, for tests)"
@@ -146,15 +164,19 @@ def build_grid(scale:str='smoke', models=MODELS, data:str|None=None, train_data:
     for i, m in enumerate(models):
         tr_out, ev_out = run_dir/'train'/m, run_dir/'eval'/m
         ckpt = str(tr_out/'checkpoints'/'last.pt')
+        n_steps = model_steps(scale, m, pairs, tiny)
+        every = snapshot_every(scale, m, n_steps)
         steps.append(Step(f'train-{m}', nbs/'train.ipynb',
-                          {**s['train'], 'data': train_data, 'preset': m, 'steps': model_steps(scale, m, pairs, tiny),
-                           **(train_extra or {}), **common, 'out': str(tr_out)},
+                          {**s['train'], 'data': train_data, 'preset': m, 'steps': n_steps,
+                           **({'snapshot_every': every} if every else {}), **(train_extra or {}), **common, 'out': str(tr_out)},
                           [ckpt, str(tr_out/'metrics.jsonl'), str(tr_out/'config.json')], function=_FN + 'train_step'))
         steps.append(Step(f'evaluate-{m}', nbs/'evaluate.ipynb',
                           {'checkpoint': ckpt, **s['evaluate'], 'baselines': s['evaluate']['baselines'] and i == 0,
                            'data': data, **geometry, 'n_examples': s['figures']['n_examples'],
-                           'n_queries': s['figures']['n_queries'], 'k': s['figures']['k'], **common, 'out': str(ev_out)},
-                          [str(ev_out/'metrics.json'), str(ev_out/'heatmaps.npz')], [f'train-{m}'],
+                           'n_queries': s['figures']['n_queries'], 'k': s['figures']['k'], **({'curve': True} if every else {}),
+                           **common, 'out': str(ev_out)},
+                          [str(ev_out/'metrics.json'), str(ev_out/'heatmaps.npz'), *([str(ev_out/'curve.json')] if every else [])],
+                          [f'train-{m}'],
                           function=_FN + 'evaluate_step'))
     fig_out = Path(figures)/scale
     steps.append(Step('figures', nbs/'figures.ipynb', {'runs': str(run_dir), 'models': list(models), 'grid': scale,
@@ -334,8 +356,9 @@ def train_step(data='synthetic', split='train2017', preset='model1', arch='resne
 
 # %% ../nbs/08_reproduce.ipynb #570f4653
 def evaluate_step(checkpoint=None, data='synthetic', split='val2017', image_size=64, query_size=32, queries='both',
-                  baselines=True, max_images=8, n_examples=1, n_queries=2, k=5, seed=0, device='cpu', out=None)->dict:
-    "Evaluate one checkpoint with its random-init twin (the work of `nbs/paper/evaluate.ipynb`); returns the metrics"
+                  baselines=True, max_images=8, n_examples=1, n_queries=2, k=5, seed=0, device='cpu', out=None,
+                  curve=False)->dict:
+    "Evaluate one checkpoint with its random-init twin (the work of `nbs/paper/evaluate.ipynb`), and with `curve` the run's snapshots"
     import tempfile, torch
     from learn_and_search.data import open_images
     from learn_and_search.models import load_model, random_init_model
@@ -373,6 +396,13 @@ def evaluate_step(checkpoint=None, data='synthetic', split='val2017', image_size
     logs = {name: F.read_log(log_path)} if log_path.is_file() else {}
     F.write_tables(F.run_tables({name: metrics}, logs), out)
     F.save_examples(F.similarity_examples(model, gallery, n_examples, S, q, seed=seed, device=dev), out/'heatmaps.npz')
+    if curve:   # SGA against training pairs: the run's snapshots on the same queries
+        from learn_and_search.curves import evaluate_snapshots, write_curve
+        from learn_and_search.checkpoint import load_checkpoint
+        run = Path(checkpoint).parent.parent
+        pts = evaluate_snapshots(run, gallery, metrics, load_checkpoint(checkpoint)['step'], device=dev, image_size=S,
+                                 query_size=q, queries=queries, seed=seed, max_images=max_images)
+        write_curve(pts, out/'curve.json')
     if metrics.get('top_k_instance') is not None:
         tk = F.topk_examples(model, gallery, n_queries, k, S, max_images=metrics['gallery_size'], device=dev)
         atomic_write_json(out/'topk.json', F.topk_record(tk, gallery, S))
@@ -396,7 +426,8 @@ def figures_step(runs=None, models=('model1',), grid='standalone', data='synthet
     scale = SCALES.get(grid)
     about = scale['about'] if scale else 'a standalone run of nbs/paper/figures.ipynb'
     command = f"`las-reproduce --scale {grid}`" if scale else '`nbs/paper/figures.ipynb` with its defaults'
-    return F.render_run(run, out, grid, about, command, data, split, seed, k, paper_scale=grid == "paper")
+    return F.render_run(run, out, grid, about, command, data, split, seed, k, paper_scale=grid == "paper",
+                        targets=scale.get('targets') if scale else None)
 
 # %% ../nbs/08_reproduce.ipynb #2a549ff2
 ARCHIVE_LIMIT = 16 * 2**20   # bytes a device run may send back in one file

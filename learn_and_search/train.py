@@ -57,6 +57,7 @@ class TrainConfig:
     resume_if_exists: bool = False  # continue from out/checkpoints/last.pt when it exists, else start fresh
     checkpoint_every: int = 50      # save every N steps (and at each epoch end)
     keep_checkpoints: int = 3       # periodic step_*.pt files kept (the oldest are deleted; last.pt always stays)
+    snapshot_every: int|None = None # also write weights-only snapshots/step_N.pt every N steps (never pruned; for curves)
     log_every: int = 1              # append to metrics.jsonl every N steps
     cache: bool = True              # read scenes from the decoded-image cache (--no-cache: decode in DataLoader workers)
     cache_dir: str|None = None      # cache folder (None: $LAS_CACHE, $XDG_CACHE_HOME/learn_and_search or ~/.cache/...)
@@ -108,7 +109,7 @@ def _validate(c:TrainConfig)->TrainConfig:
     _check(_is_int(c.query_size, 8) and c.query_size <= c.image_size, 'query_size', c.query_size, 'must be in [8, image_size]')
     for name in ('dim', 'epochs', 'batch_size', 'queries_per_scene', 'checkpoint_every', 'log_every'):
         _check(_is_int(getattr(c, name), 1), name, getattr(c, name), 'must be an integer >= 1')
-    for name in ('steps', 'anchor_negatives', 'limit_images'):
+    for name in ('steps', 'anchor_negatives', 'limit_images', 'snapshot_every'):
         v = getattr(c, name); _check(v is None or _is_int(v, 1), name, v, 'must be None or an integer >= 1')
     _check(c.warmup_steps is None or _is_int(c.warmup_steps, 0), 'warmup_steps', c.warmup_steps, 'must be None or >= 0')
     for name in ('workers', 'keep_checkpoints', 'seed'):
@@ -130,7 +131,7 @@ def _opt_str(s:str): return None if str(s).lower() in ('none', 'null', '') else 
 
 _FLAG_TYPES = dict(dim=int, epochs=int, steps=_opt_int, batch_size=int, queries_per_scene=int, image_size=int, query_size=int, lr=float,
                    weight_decay=float, warmup_steps=_opt_int, temperature=float, anchor_negatives=_opt_int, seed=int,
-                   checkpoint_every=int, keep_checkpoints=int, log_every=int, workers=int, limit_images=_opt_int,
+                   checkpoint_every=int, keep_checkpoints=int, snapshot_every=_opt_int, log_every=int, workers=int, limit_images=_opt_int,
                    weights=_opt_str, cache_dir=_opt_str)
 
 def _field_help()->dict:
@@ -295,7 +296,7 @@ def train_step(model:nn.Module,       # LearnAndSearch (possibly DDP / compiled)
 
 # %% ../nbs/05_train.ipynb #ecdbf53e
 RESUME_MAY_CHANGE = ('epochs', 'steps', 'out', 'device', 'resume', 'resume_if_exists', 'checkpoint_every',
-                     'keep_checkpoints', 'log_every', 'cache', 'cache_dir', 'workers', 'compile')
+                     'keep_checkpoints', 'snapshot_every', 'log_every', 'cache', 'cache_dir', 'workers', 'compile')
 
 def _same_data(a:str, b:str)->bool:
     if 'synthetic' in (a, b): return a == b
@@ -431,6 +432,13 @@ def _restore(ckpt:dict, model, opt, sched)->int:
     set_rng_state(ckpt['rng'])
     return ckpt['step']
 
+def _snapshot(s:RunState):
+    "Write the weights alone (no optimiser state: a third of a checkpoint) to snapshots/step_N.pt, for SGA-vs-pairs curves"
+    path = s.folder.out/'snapshots'/f'step_{s.step:07d}.pt'
+    path.parent.mkdir(exist_ok=True)
+    save_checkpoint(dict(model=s.model.state_dict(), step=s.step, config={**getattr(s.model, 'config', {}), **s.config.to_dict()},
+                         torch_version=str(torch.__version__)), path)
+
 def _save(s:RunState):
     "Checkpoint `s` (last.pt, plus a periodic file every `checkpoint_every` steps), prune old ones, update config.json"
     c, f = s.config, s.folder
@@ -477,6 +485,7 @@ def _loop(s:RunState)->dict:
                 bar.update(1)
                 end_of_epoch, done = s.step % spe == 0, s.step >= s.total
                 if s.rank == 0 and (s.step % c.checkpoint_every == 0 or end_of_epoch or done): _save(s)
+                if s.rank == 0 and c.snapshot_every and (s.step % c.snapshot_every == 0 or s.step == s.total): _snapshot(s)
                 if end_of_epoch or done: break
     finally:
         bar.close()
