@@ -604,7 +604,7 @@ def results_readme(run:dict,       # from `read_run`
         'models': ', '.join(models) + f" ({cfg['arch']}, embedding {cfg['dim']}, random init, no labels)",
         'training data': _training_data(cfg),
         'training length': ', '.join(f"{m} {pairs[m]:,} pairs" for m in models)
-                           + f" (query pairs: {cfg['batch_size']} scenes a step x {cfg.get('queries_per_scene') or 1} queries per scene)",
+                           + f" (query pairs: {cfg['batch_size']} scenes a step x {cfg.get('queries_per_scene') or 1} per scene)",
         'precision': f"{cfg.get('precision') or 'not recorded'} (autocast of both branches; the loss in float32)",
         'scene, query': f"{cfg['image_size']} px, {cfg['query_size']} px",
         'evaluation data': f"{_shown(data)} {split}: gallery of {G} images, {first['n_queries']['localization']} localization "

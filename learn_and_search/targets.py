@@ -58,5 +58,6 @@ def target_rows(metrics:dict,  # model name -> `evaluate` metrics; the first hol
 def target_markdown_frame(t:pd.DataFrame)->pd.DataFrame:   # from `target_rows`
     "`t` as a README shows it: met / missed, and by how much"
     word = lambda r: 'met' if r['met'] else ('missed' if r['by'] is None else f"missed by {abs(r['by']):.3g}")
-    return pd.DataFrame({'goal': t['goal'], 'ours': t['ours'], 'verdict': [word(r) for _, r in t.iterrows()]},
+    # plain lists: Series would align on their RangeIndex against the target index and come out NaN
+    return pd.DataFrame({'goal': list(t['goal']), 'ours': list(t['ours']), 'verdict': [word(r) for _, r in t.iterrows()]},
                         index=pd.Index(t['target'], name='target'))

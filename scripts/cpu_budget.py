@@ -103,8 +103,8 @@ def main(argv=None)->int:
     if a.minutes <= 0 or a.probe_steps < 2: p.error('--minutes must be > 0 and --probe-steps >= 2')
     from learn_and_search.utils import atomic_write, describe_machine
     runs, rows = Path(a.runs), []
-    spec = lambda K, prec, **kw: dict(K=K, precision=prec, minutes=a.minutes, probe_steps=a.probe_steps, train_data=a.train_data,
-                                      eval_data=a.eval_data, runs=str(runs/f'K{K}-{prec}'), **kw)
+    spec = lambda K, prec, **kw: {**dict(K=K, precision=prec, minutes=a.minutes, probe_steps=a.probe_steps,
+                                         train_data=a.train_data, eval_data=a.eval_data, runs=str(runs/f'K{K}-{prec}')), **kw}
     for i in range(0, len(SETTINGS), 2):
         pair, procs = SETTINGS[i:i + 2], []
         for core, (K, prec) in enumerate(pair):
