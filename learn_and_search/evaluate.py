@@ -4,7 +4,7 @@
 
 # %% ../nbs/06b_evaluate.ipynb #33ddcef4
 from __future__ import annotations
-import argparse, os, sys, time
+import argparse, hashlib, os, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .augment import JITTER, color_jitter, crop_queries, hard_queries, hard_query_params
 from .baselines import imagenet_features, template_matching_hits, template_sizes, tile_histograms, to_uint8
 from .data import CocoImages, check_image_size, open_images, random_crop_queries, resize_square
+from .eval_cache import read_tally, tally_key, write_tally
 from .eval_report import (
     RunInfo, assemble_metrics, metrics_markdown, per_category_csv, per_query_csv, per_query_rows)
 from .gallery import Gallery, excluded_ids, open_gallery, reference_images
@@ -228,6 +229,18 @@ class RunQueries:
 
 def _person_id(names:dict)->int|None: return next((i for i, n in names.items() if n == 'person'), None)
 
+def _twin_key(twin, gallery:Gallery, n:int, q:RunQueries, cfg:PassConfig, temperature:float)->str:
+    "The `eval_cache` key of the twin's tally: its weights, the gallery, every query tensor and the pass settings"
+    from learn_and_search.embed import model_fingerprint
+    h = hashlib.sha256()
+    tensors = [q.loc.index, q.loc.boxes, *q.loc.params.values()]
+    if q.obj is not None: tensors += [q.obj.index, q.obj.boxes, q.obj.crops]
+    if q.reference is not None: tensors.append(q.reference)
+    for t in tensors: h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return tally_key(dict(weights=model_fingerprint(twin), gallery=gallery.record(), n=n, queries=h.hexdigest(),
+                          protocols=cfg.protocols, image_size=cfg.image_size, query_size=cfg.query_size,
+                          batch_size=cfg.batch_size, device=str(cfg.device), per_query=cfg.per_query, temperature=temperature))
+
 @torch.no_grad()
 def evaluate(model,                  # a `LearnAndSearch` (or anything with `embed_queries`/`embed_scenes`)
              images,                 # the gallery: a `Gallery`, or one image set (a `CocoImages` for retrieval)
@@ -250,6 +263,7 @@ def evaluate(model,                  # a `LearnAndSearch` (or anything with `emb
              per_query:bool=False,   # also return the per-query rows under 'per_query'
              validation=None,        # labelled `Gallery` (not this one) on which to choose the image score, or None
              progress:bool=False,    # show a progress bar
+             shared_cache=None,      # folder where the random-init twin's tally is kept and read back (`eval_cache`)
             )->dict:                 # JSON-able metrics, see the definitions above
     "Zero-shot SGA, retrieval, hubness and baselines of `model` on the gallery `images`"
     if queries not in QUERY_PROTOCOLS: raise ValueError(f"queries={queries!r}; valid: {', '.join(QUERY_PROTOCOLS)}")
@@ -286,7 +300,15 @@ def evaluate(model,                  # a `LearnAndSearch` (or anything with `emb
     for m in methods.values(): m.to(device).eval()
     cfg = PassConfig(protocols, image_size, query_size, batch_size, device, baselines, AntXentLoss(temperature=temperature),
                      progress, per_query)
-    try: tallies, shared = _evaluation_pass(methods, gallery, n, run_queries.loc, obj, ref, cfg)
+    keys = {} if shared_cache is None or 'random_init' not in methods else \
+        {'random_init': _twin_key(random_init, gallery, n, run_queries, cfg, temperature)}
+    cached = {k: t for k, key in keys.items() if (t := read_tally(shared_cache, key, MethodTally)) is not None}
+    try:
+        tallies, shared = _evaluation_pass({k: m for k, m in methods.items() if k not in cached}, gallery, n, run_queries.loc,
+                                           obj, ref, cfg)
+        tallies = {k: tallies[k] if k in tallies else cached[k] for k in methods}   # the methods' order, cached or not
+        for k, key in keys.items():
+            if k not in cached: write_tally(shared_cache, key, tallies[k])
     finally:
         for name, m in methods.items(): m.train(modes[name])
     if obj: obj.relevant = relevance(obj.category, shared.gallery_categories)

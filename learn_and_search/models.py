@@ -187,8 +187,8 @@ def load_model(checkpoint_path:str|Path,  # a checkpoint dict with 'model' (stat
     "Rebuild a model from a training checkpoint (read by `checkpoint.load_checkpoint`)"
     path = Path(checkpoint_path)
     ckpt = load_checkpoint(path, map_location)       # weights_only; one-line ValueError if missing, corrupt or hostile
-    if not ('model' in ckpt and 'config' in ckpt):
-        raise ValueError(f"{str(path)!r} is not a learn_and_search checkpoint: needs keys 'model' and 'config'")
+    if not ('model' in ckpt and 'config' in ckpt and isinstance(ckpt['model'], dict) and isinstance(ckpt['config'], dict)):
+        raise ValueError(f"{str(path)!r} is not a learn_and_search checkpoint: needs keys 'model' and 'config' (mappings)")
     cfg = ckpt['config']
     missing = [k for k in ('preset', 'arch', 'dim') if k not in cfg]
     if missing: raise ValueError(f"checkpoint {str(path)!r}: config lacks {missing}")
@@ -196,6 +196,8 @@ def load_model(checkpoint_path:str|Path,  # a checkpoint dict with 'model' (stat
         raise ValueError(f"checkpoint {str(path)!r} names unknown preset {cfg['preset']!r}; known presets: {', '.join(PRESET_NAMES)}")
     model = create_model(**_model_kwargs(cfg))
     state = {k.replace('_orig_mod.', '').removeprefix('module.'): v for k, v in ckpt['model'].items()}  # compile / DDP
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad: raise ValueError(f"checkpoint {str(path)!r} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): a diverged run")
     try: model.load_state_dict(state)
     except RuntimeError as e: raise ValueError(f"checkpoint {str(path)!r} does not match its config: {str(e)[:300]}") from e
     model.config.update(cfg)

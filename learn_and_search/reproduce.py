@@ -20,7 +20,7 @@ __all__ = ['MODELS', 'MINI_PAIRS', 'MINI_K', 'SCALES', 'PRESETS', 'RUNNERS', 'AR
 # %% ../nbs/08_reproduce.ipynb #f760b4a4
 MODELS = ('model1', 'model2', 'model3', 'model4', 'robust')   # the paper's four training presets and the robust one
 
-MINI_PAIRS, MINI_K = 300_000, 8   # the mini budget in query pairs and queries per scene: see the table in figures/mini
+MINI_PAIRS, MINI_K = 450_000, 16  # the mini budget in query pairs and queries per scene: see the table in figures/mini
 _GEOMETRY_128 = dict(split='train2017', arch='resnet18', dim=128, image_size=128, query_size=32, epochs=1, lr=1e-3,
                      limit_images=None, cache=True)
 SCALES = {
@@ -174,6 +174,7 @@ def build_grid(scale:str='smoke', models=MODELS, data:str|None=None, train_data:
                           {'checkpoint': ckpt, **s['evaluate'], 'baselines': s['evaluate']['baselines'] and i == 0,
                            'data': data, **geometry, 'n_examples': s['figures']['n_examples'],
                            'n_queries': s['figures']['n_queries'], 'k': s['figures']['k'], **({'curve': True} if every else {}),
+                           'shared_cache': str(run_dir/'twin_tallies'),
                            **common, 'out': str(ev_out)},
                           [str(ev_out/'metrics.json'), str(ev_out/'heatmaps.npz'), *([str(ev_out/'curve.json')] if every else [])],
                           [f'train-{m}'],
@@ -357,7 +358,7 @@ def train_step(data='synthetic', split='train2017', preset='model1', arch='resne
 # %% ../nbs/08_reproduce.ipynb #570f4653
 def evaluate_step(checkpoint=None, data='synthetic', split='val2017', image_size=64, query_size=32, queries='both',
                   baselines=True, max_images=8, n_examples=1, n_queries=2, k=5, seed=0, device='cpu', out=None,
-                  curve=False)->dict:
+                  curve=False, shared_cache=None)->dict:
     "Evaluate one checkpoint with its random-init twin (the work of `nbs/paper/evaluate.ipynb`), and with `curve` the run's snapshots"
     import tempfile, torch
     from learn_and_search.data import open_images
@@ -382,7 +383,8 @@ def evaluate_step(checkpoint=None, data='synthetic', split='val2017', image_size
     gallery = open_gallery(parts, excluded)
     reference = open_images(train_data, train_split) if train_data else None
     metrics = evaluate(model, gallery, image_size=S, query_size=q, queries=queries, seed=seed, random_init=twin,
-                       baselines=baselines, device=dev, max_images=max_images, reference=reference, per_query=True)
+                       baselines=baselines, device=dev, max_images=max_images, reference=reference, per_query=True,
+                       shared_cache=shared_cache)   # the twin: evaluated once per grid (its tally read back after)
     rows = metrics.pop('per_query', None)   # per_query.csv, not metrics.json (see the eval contract)
     metrics['source'] = dict(checkpoint=str(checkpoint), config=model.config, data=str(data), split=split,
                              gallery=[f"{d}:{s}" for d, s in parts], machine=describe_machine(dev), torch=torch.__version__)

@@ -25,7 +25,7 @@ from .loss import MIN_TEMPERATURE
 # %% auto #0
 __all__ = ['RESUME_MAY_CHANGE', 'TrainConfig', 'build_parser', 'load_config_file', 'parse_config', 'warmup_cosine', 'auto_warmup',
            'make_optimizer', 'step_generator', 'rng_state', 'set_rng_state', 'sample_query_boxes', 'open_scenes',
-           'train_step', 'RunFolder', 'RunState', 'train', 'main']
+           'train_step', 'RunFolder', 'RunState', 'TrainingDiverged', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #ddd52031
 @dataclass
@@ -97,6 +97,9 @@ def _is_int(v, lo=None): return isinstance(v, int) and not isinstance(v, bool) a
 def _validate(c:TrainConfig)->TrainConfig:
     "Raise ValueError naming the first bad field of `c`; return `c`"
     from learn_and_search.augment import get_preset
+    for f in fields(c):   # a YAML `resume: "no"` is a truthy string: switches must be real booleans
+        if isinstance(f.default, bool):
+            _check(isinstance(getattr(c, f.name), bool), f.name, getattr(c, f.name), 'must be true or false (a boolean, not a string)')
     _check(isinstance(c.lr, (int, float)) and c.lr > 0 and math.isfinite(c.lr), 'lr', c.lr, 'must be a positive number')
     _check(isinstance(c.weight_decay, (int, float)) and c.weight_decay >= 0, 'weight_decay', c.weight_decay, 'must be >= 0')
     cf = c.crop_frac
@@ -448,6 +451,9 @@ def _save(s:RunState):
     prune_checkpoints(f.checkpoints, c.keep_checkpoints)
 
 # %% ../nbs/05_train.ipynb #5fb5ff3b
+class TrainingDiverged(ValueError):
+    "The loss became NaN or infinite: the run stops with the last good checkpoint kept"
+
 def _loop(s:RunState)->dict:
     "The epoch/step loop of `train` on the run state `s`"
     c, net = s.config, s.model
@@ -469,6 +475,9 @@ def _loop(s:RunState)->dict:
                 boxes = sample_query_boxes(len(scenes) * c.queries_per_scene, c.image_size, c.crop_frac, g)  # (b*K, 4)
                 res = train_step(net, s.augment, s.loss_fn, s.optimizer, s.scheduler, scenes, boxes, g,
                                  amp=c.precision == 'bf16', channels_last=True)
+                if not torch.isfinite(res.loss.detach()):   # diverged: stop before NaN weights reach a checkpoint
+                    raise TrainingDiverged(f"loss is {res.loss.item()} at step {s.step + 1} (lr {lr:.3g}): training diverged; "
+                                           f"the last good checkpoint is {s.folder.last if s.folder.last.exists() else 'none (no step was saved)'}")
                 s.step += 1
                 if s.step % c.log_every == 0 or s.step == s.total:
                     vals = mean_across_ranks(dict(loss=res.loss.detach(), avg_pos=res.avg_pos, avg_neg=res.avg_neg))

@@ -4,14 +4,15 @@
 
 # %% ../nbs/00_utils.ipynb #f9407c2c
 from __future__ import annotations
-import contextlib, errno, fcntl, json, math, os, pickle, platform, socket, sys, tempfile, time
+import contextlib, errno, fcntl, json, math, os, pickle, platform, signal, socket, sys, tempfile, threading, time
 from pathlib import Path
 import torch
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'EXPECTED_ERRORS', 'current_umask', 'file_mode', 'dir_mode', 'fsync_dir', 'atomic_path', 'atomic_write',
            'atomic_write_json', 'format_cell', 'markdown_table', 'frame_markdown', 'describe_machine', 'resolve_device',
-           'native_bf16_cpu', 'resolve_precision', 'RunLockedError', 'RunLock', 'error_line', 'run_cli', 'script_entry']
+           'native_bf16_cpu', 'resolve_precision', 'RunLockedError', 'RunLock', 'error_line', 'Terminated', 'run_cli',
+           'script_entry']
 
 # %% ../nbs/00_utils.ipynb #241817c7
 def current_umask()->int:
@@ -172,6 +173,11 @@ def error_line(e:BaseException)->str:
     if isinstance(e, OSError) and getattr(e, 'filename', None) and str(e.filename) not in msg: msg += f": {e.filename}"
     return msg
 
+class Terminated(KeyboardInterrupt):
+    "SIGTERM, raised in the main thread like Ctrl-C so that every `finally` and cleanup runs (exit status 143)"
+
+def _raise_terminated(signum, frame): raise Terminated()
+
 def run_cli(prog:str,         # command name for messages, e.g. 'las-train'
             main,             # main(argv:list) -> exit status or None
             argv:list|None=None,  # arguments (default: sys.argv[1:]); '--debug' anywhere shows tracebacks
@@ -180,12 +186,16 @@ def run_cli(prog:str,         # command name for messages, e.g. 'las-train'
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = '--debug' in argv
     if debug: argv = [a for a in argv if a != '--debug']
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is threading.main_thread() else None
     try: return int(main(argv) or 0)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr); return 130
+    except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM as `Terminated`: the same cleanups ran on the way here
+        term = isinstance(e, Terminated)
+        print(f"{prog}: {'terminated' if term else 'interrupted'}", file=sys.stderr); return 143 if term else 130
     except EXPECTED_ERRORS as e:
         if debug: raise
         print(f"{prog}: error: {error_line(e)}", file=sys.stderr); return 2
+    finally:
+        if previous is not None: signal.signal(signal.SIGTERM, previous)
 
 def script_entry(module_name:str, main):
     "Exit with `main()`'s status when the module runs as `python -m ...` (never inside a notebook kernel)"

@@ -66,6 +66,22 @@ def test_kill_9_and_resume_with_the_cache_is_bit_identical_to_the_dataloader_run
     assert [l['step'] for l in lb] == list(range(1, 9)), 'metrics.jsonl must hold each step exactly once'
     assert [l['loss'] for l in la] == [l['loss'] for l in lb]
 
+def test_sigterm_stops_cleanly_and_leaves_nothing_partial(tmp_path):
+    """`kill PID` (SIGTERM) is handled like Ctrl-C: one line, exit status 143, and before the first checkpoint nothing of
+    the run is left (no config.json, metrics.jsonl, checkpoints/ or stale lock), so the same command starts afresh"""
+    run = tmp_path/'r'
+    proc = subprocess.Popen(las_train(*TINY, '--steps', '50', '--log-every', '1', '--checkpoint-every', '1000', '--cache-dir', tmp_path/'cache',
+                                      '--out', run), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((run/'metrics.jsonl').is_file() and (run/'metrics.jsonl').read_text().strip()):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, 'no training step within 5 minutes'
+        time.sleep(0.02)
+    t0 = time.time(); proc.send_signal(signal.SIGTERM); err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and 'las-train: terminated' in err, (proc.returncode, err[-500:])
+    assert time.time() - t0 < 30
+    assert not run.exists() or not any(run.iterdir()), sorted(p.name for p in run.iterdir())
+
 def _flat(d, prefix=''):
     "Nested dicts/lists -> {path: leaf}"
     out = {}
