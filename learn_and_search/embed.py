@@ -4,7 +4,6 @@
 
 # %% ../nbs/07a_embed.ipynb #b1914fcb
 from __future__ import annotations
-import hashlib
 from pathlib import Path
 
 import torch
@@ -17,8 +16,7 @@ from .data import resize_square, sample_query_box, scale_boxes
 from .index import DEFAULT_LEVELS
 
 # %% auto #0
-__all__ = ['as_image', 'check_box', 'ReadOrReport', 'SceneCollate', 'embed_cells', 'embed_query', 'model_fingerprint',
-           'reference_crops']
+__all__ = ['as_image', 'check_box', 'ReadOrReport', 'SceneCollate', 'embed_cells', 'embed_query', 'reference_crops']
 
 # %% ../nbs/07a_embed.ipynb #5e75dff7
 def as_image(image,                        # an image path or a uint8 (3, H, W) tensor
@@ -95,13 +93,6 @@ def embed_query(model, image, box,   # image path or uint8 (3, H, W); box xywh i
     scene = resize_square(img, image_size)[None].to(device).float().div(255)          # (1, 3, S, S)
     crop = crop_queries(scene, b[None].to(device), query_size)                       # (1, 3, q, q)
     return model.embed_queries(crop)[0].float().cpu(), (crop[0].clamp(0, 1) * 255).round().byte().cpu()
-
-def model_fingerprint(model)->str:
-    "SHA-256 of the model's state dict (names and raw bytes): tells whether a model is the one an index was built with"
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode()); h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 # %% ../nbs/07a_embed.ipynb #e4141aaf
 @torch.no_grad()

@@ -20,7 +20,7 @@ from .gallery import Gallery, excluded_ids, open_gallery, reference_images
 from .hubness import reference_stats, select_score_mode
 from .loss import AntXentLoss
 from .metrics import best_cells, relevance, sga_hits
-from .models import load_model, random_init_model
+from .models import load_model, model_fingerprint, random_init_model
 from .utils import atomic_write, atomic_write_json, resolve_device, run_cli, script_entry
 
 # %% auto #0
@@ -231,7 +231,6 @@ def _person_id(names:dict)->int|None: return next((i for i, n in names.items() i
 
 def _twin_key(twin, gallery:Gallery, n:int, q:RunQueries, cfg:PassConfig, temperature:float)->str:
     "The `eval_cache` key of the twin's tally: its weights, the gallery, every query tensor and the pass settings"
-    from learn_and_search.embed import model_fingerprint
     h = hashlib.sha256()
     tensors = [q.loc.index, q.loc.boxes, *q.loc.params.values()]
     if q.obj is not None: tensors += [q.obj.index, q.obj.boxes, q.obj.crops]

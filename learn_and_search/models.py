@@ -4,6 +4,7 @@
 
 # %% ../nbs/04_models.ipynb #c333da9b
 from __future__ import annotations
+import hashlib
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 import torchvision.models as tvm
@@ -15,7 +16,8 @@ from .checkpoint import load_checkpoint, read_torch_file
 # %% auto #0
 __all__ = ['LEVELS', 'ARCHS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'PRESET_NAMES', 'PROJECTION_HEAD_PRESETS', 'MODEL_CONFIG_KEYS',
            'check_arch', 'imagenet_weights', 'build_resnet', 'ImageNetNorm', 'CropEncoder', 'check_levels',
-           'SceneEncoder', 'similarity_maps', 'LearnAndSearch', 'create_model', 'random_init_model', 'load_model']
+           'SceneEncoder', 'similarity_maps', 'LearnAndSearch', 'create_model', 'random_init_model', 'load_model',
+           'model_fingerprint']
 
 # %% ../nbs/04_models.ipynb #7076d214
 LEVELS = ('P3', 'P4', 'P5', 'P6', 'P7')        # FPN levels, nominal strides 8, 16, 32, 64, 128
@@ -203,3 +205,11 @@ def load_model(checkpoint_path:str|Path,  # a checkpoint dict with 'model' (stat
     model.config.update(cfg)
     if isinstance(map_location, (str, torch.device)): model.to(map_location)
     return model.eval()
+
+# %% ../nbs/04_models.ipynb #fp0code01
+def model_fingerprint(model)->str:
+    "SHA-256 of the model's state dict (names and raw bytes): tells whether a model is the one an index was built with"
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode()); h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

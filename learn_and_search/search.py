@@ -16,13 +16,14 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .data import ImageReadError, resize_square
-from .embed import (ReadOrReport, SceneCollate, as_image, check_box, embed_cells, embed_query, model_fingerprint,
+from .embed import (ReadOrReport, SceneCollate, as_image, check_box, embed_cells, embed_query,
                     reference_crops)
 from .hubness import SCORE_MODES
 from .index import (DEFAULT_LEVELS, CellLayout, adjusted_top_k, check_index_params, default_nlist,
     exact_adjusted_top_k, group_max, make_faiss_index, reference_image_stats)
 from learn_and_search.index_store import (FORMAT, FORMAT_VERSION, IndexFormatError, check_index_file, read_index_meta,
     write_index_folder)
+from .models import model_fingerprint
 
 _log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ from torch import Tensor
 from torch.utils.data import Subset
 
 from .data import check_readable, load_image, open_images
-from .embed import as_image, check_box, embed_query, model_fingerprint
+from .embed import as_image, check_box, embed_query
 from .hubness import SCORE_MODES
 from .index import DEFAULT_LEVELS, KINDS
 from .index_store import check_index_target, index_lock
-from .models import load_model, random_init_model
+from .models import load_model, model_fingerprint, random_init_model
 from .search import SearchIndex
 from .utils import atomic_path, resolve_device, run_cli, script_entry
 
