@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #412bee12
 from __future__ import annotations
-import contextlib, hashlib, io, json, logging, math, os
+import contextlib, hashlib, io, json, logging, math, os, warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np, torch
@@ -19,24 +19,37 @@ from .synthetic import synthetic_coco
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['MIN_IMAGE_SIDE', 'SKIP_HINT', 'IMAGE_EXTS', 'ImageReadError', 'open_image', 'exif_orientation', 'to_rgb',
-           'load_image', 'resize_square', 'scale_boxes', 'clip_boxes', 'exif_boxes', 'load_coco', 'safe_join',
-           'check_image_side', 'coco_boxes', 'CocoImages', 'FolderImages', 'map_threads', 'check_readable',
-           'open_images', 'check_crop_frac', 'sample_query_box', 'mix_seed', 'check_image_size', 'LearnPairs',
-           'random_crop_queries', 'original_area_scale', 'object_queries']
+__all__ = ['MAX_IMAGE_PIXELS', 'MIN_IMAGE_SIDE', 'SKIP_HINT', 'IMAGE_EXTS', 'MAX_IMAGE_SIZE', 'ImageReadError', 'open_image',
+           'exif_orientation', 'to_rgb', 'load_image', 'resize_square', 'scale_boxes', 'clip_boxes', 'exif_boxes',
+           'load_coco', 'safe_join', 'check_image_side', 'coco_boxes', 'CocoImages', 'FolderImages', 'map_threads',
+           'check_readable', 'open_images', 'open_checked', 'check_crop_frac', 'sample_query_box', 'mix_seed',
+           'check_image_size', 'LearnPairs', 'random_crop_queries', 'original_area_scale', 'object_queries']
 
 # %% ../nbs/01_data.ipynb #31f24368
 class ImageReadError(ValueError):
     "An image file that cannot be read: missing, not an image, truncated, or in a mode that cannot be converted"
 
-def open_image(path)->Image.Image:
-    "Open and fully decode `path` as stored (mode and orientation unchanged); `ImageReadError` names the file and reason"
+MAX_IMAGE_PIXELS = 8192 * 8192   # larger images are refused from their header, before any decoding (decompression bombs)
+
+def open_image(path, decode:bool=True)->Image.Image:
+    "Open `path` as stored (mode and orientation unchanged), decoded unless `decode=False`; `ImageReadError` names the file and reason"
     path = Path(path)
-    if not path.is_file(): raise ImageReadError(f'{path}: no such image file')
+    if not path.is_file():
+        raise ImageReadError(f'{path}: no such image file' if not path.is_symlink() and not path.exists() else
+                             f'{path}: not a regular file (a folder, or a symbolic link that loops or leads nowhere)')
     try:
-        im = Image.open(path)
-        im.load()   # decode now, so a truncated file fails here
+        with warnings.catch_warnings():   # PIL warns from 89 M pixels; our own, lower limit below says more
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError as e: raise ImageReadError(f'{path}: refused before decoding: {e}') from None
     except Exception as e: raise ImageReadError(f'{path}: cannot decode image ({type(e).__name__}: {e})') from e
+    if im.width * im.height > MAX_IMAGE_PIXELS:
+        im.close()
+        raise ImageReadError(f'{path}: image is {im.width}x{im.height} px, over the limit of {MAX_IMAGE_PIXELS:,} pixels '
+                             '(learn_and_search.data.MAX_IMAGE_PIXELS): refused before decoding')
+    if decode:
+        try: im.load()   # decode now, so a truncated file fails here
+        except Exception as e: im.close(); raise ImageReadError(f'{path}: cannot decode image ({type(e).__name__}: {e})') from e
     return im
 
 def exif_orientation(im:Image.Image)->int:
@@ -184,9 +197,8 @@ class _Images(Dataset):
     def check(self, i:int, full:bool=True):
         "Raise `ImageReadError` unless image `i` is usable: header (format, size, `min_side`) and, if `full`, a decode"
         path = self.paths[i]
-        if not path.is_file(): raise ImageReadError(f'{path}: no such image file')
         try:
-            with Image.open(path) as im:
+            with open_image(path, decode=False) as im:
                 self._check_header(i, im)
                 if not full: return
                 if im.format == 'JPEG': im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))  # reads every byte, decodes 1/8
@@ -265,7 +277,7 @@ class CocoImages(_Images):
     def target(self, i:int)->dict:
         "Annotations of image `i` (boxes xywh in upright original pixels, category_ids, iscrowd, size (H, W)) from its header only"
         try:
-            with Image.open(self.paths[i]) as im: return self._target(i, im)
+            with open_image(self.paths[i], decode=False) as im: return self._target(i, im)
         except ImageReadError: raise
         except Exception as e: raise ImageReadError(f'{self.paths[i]}: cannot read image header ({type(e).__name__}: {e})') from e
 
@@ -287,10 +299,12 @@ class FolderImages(_Images):
                  min_side:int=1): # images with a shorter side under this (px) count as unreadable
         self.root = Path(root)
         if not self.root.is_dir(): raise FileNotFoundError(f'{root}: no such folder')
-        files = sorted(p for p in self.root.rglob('*') if p.is_file())
-        self.paths = [p for p in files if p.suffix.lower() in IMAGE_EXTS]
+        entries = sorted(self.root.rglob('*'))   # symbolic links to folders are not followed (no loops)
+        # a folder named x.jpg or a looping link named like an image is kept: reading it names it (or counts it as skipped)
+        self.paths = [p for p in entries if p.suffix.lower() in IMAGE_EXTS]
+        others = sum(p.is_file() and p.suffix.lower() not in IMAGE_EXTS for p in entries)
         if not self.paths: raise ValueError(f'{root}: no images ({", ".join(IMAGE_EXTS)}) found')
-        if len(files) > len(self.paths): _log.info('%s: ignoring %d files that are not %s', root, len(files) - len(self.paths), IMAGE_EXTS)
+        if others: _log.info('%s: ignoring %d files that are not %s', root, others, IMAGE_EXTS)
         self.ids = list(range(len(self.paths)))
         self._init_skip(skip_unreadable, min_side)
 
@@ -344,6 +358,17 @@ def open_images(source:str,             # 'synthetic', a COCO folder or a folder
     if (root/'annotations').is_dir(): return CocoImages(root, split, skip_unreadable, min_side)
     return FolderImages(root, skip_unreadable, min_side)
 
+# %% ../nbs/01_data.ipynb #opchk001
+def open_checked(source:str, split:str='train2017',
+                 skip_unreadable:bool=False,  # leave unreadable images out now (listed in `.skipped`) instead of failing
+                 full:bool=True,              # decode every image; False: headers only
+                 progress:bool=False):
+    "`open_images` with every image checked now; later reads never put another image in place of an unreadable one"
+    images = open_images(source, split, skip_unreadable)
+    check_readable(images, skip_unreadable, full=full, progress=progress)
+    images.skip_unreadable = False   # the set is fixed: a failure from here on is an error, not the next image in its place
+    return images
+
 # %% ../nbs/01_data.ipynb #de25943c
 def check_crop_frac(crop_frac):
     "Raise `ValueError` unless `crop_frac` is (low, high) with 0 < low <= high <= 1"
@@ -367,10 +392,12 @@ def mix_seed(*xs:int)->int:
     "A 63-bit seed that depends on all of the integers `xs` (a hash, not a shared random stream)"
     return int.from_bytes(hashlib.blake2b(repr(tuple(int(x) for x in xs)).encode(), digest_size=8).digest(), 'little') >> 1
 
-def check_image_size(image_size:int):
-    "Raise `ValueError` unless `image_size` is a multiple of 32 and >= 64"
-    if not (isinstance(image_size, int) and image_size >= 64 and image_size % 32 == 0):
-        raise ValueError(f'image_size={image_size!r}: must be a multiple of 32 and >= 64')
+MAX_IMAGE_SIZE = 2048   # px: the largest scene side (P3 then holds 256 x 256 cells; beyond, one scene no longer fits in memory)
+
+def check_image_size(image_size:int, name:str='image_size'):
+    "Raise `ValueError` naming `name` unless `image_size` is a multiple of 32 in [64, `MAX_IMAGE_SIZE`]"
+    if not (_is_int(image_size) and 64 <= image_size <= MAX_IMAGE_SIZE and image_size % 32 == 0):
+        raise ValueError(f'{name}={image_size!r}: must be a multiple of 32 between 64 and {MAX_IMAGE_SIZE}')
 
 class LearnPairs(Dataset):
     "Training pairs: (scene uint8 (3, S, S), query box float32 (4,) xywh in scene pixels), seeded by (seed, epoch, index)"

@@ -12,14 +12,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from .augment import JITTER, color_jitter, crop_queries, hard_queries, hard_query_params
 from .baselines import imagenet_features, template_matching_hits, template_sizes, tile_histograms, to_uint8
-from .data import CocoImages, check_image_size, open_images, random_crop_queries, resize_square
+from .data import MAX_IMAGE_SIZE, CocoImages, check_image_size, open_images, random_crop_queries, resize_square
 from .eval_cache import read_tally, tally_key, write_tally
 from .eval_report import (
     RunInfo, assemble_metrics, metrics_markdown, per_category_csv, per_query_csv, per_query_rows)
 from .gallery import Gallery, excluded_ids, open_gallery, reference_images
 from .hubness import reference_stats, select_score_mode
 from .loss import AntXentLoss
-from .metrics import best_cells, relevance, sga_hits
+from .metrics import MAX_BOOTSTRAP, best_cells, relevance, sga_hits
 from .models import load_model, model_fingerprint, random_init_model
 from .utils import atomic_write, atomic_write_json, resolve_device, run_cli, script_entry
 
@@ -390,6 +390,8 @@ def _parser()->argparse.ArgumentParser:
     p.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument('--no-baselines', action='store_true', help='skip template matching, histograms, ImageNet features')
     p.add_argument('--per-query', action='store_true', help='also write per_query.csv (one row per query)')
+    p.add_argument('--skip-unreadable', action='store_true',
+                   help='leave unreadable gallery images out (decoded first, counted in metrics.json) instead of failing')
     return p
 
 def _check_flags(a):
@@ -399,12 +401,12 @@ def _check_flags(a):
     need(a.max_images is None or a.max_images >= 1, '--max-images', a.max_images, 'must be >= 1')
     need(a.queries_per_image >= 1, '--queries-per-image', a.queries_per_image, 'must be >= 1')
     need(a.batch_size >= 1, '--batch-size', a.batch_size, 'must be >= 1')
-    need(a.bootstrap >= 100, '--bootstrap', a.bootstrap, 'must be >= 100')
+    need(100 <= a.bootstrap <= MAX_BOOTSTRAP, '--bootstrap', a.bootstrap, f'must be in [100, {MAX_BOOTSTRAP:,}]')
     need(a.reference_queries == 0 or a.reference_queries >= 2, '--reference-queries', a.reference_queries, 'must be 0 (none) or >= 2')
     need(a.seed >= 0, '--seed', a.seed, 'must be >= 0')
     need(a.dim >= 1, '--dim', a.dim, 'must be >= 1')
-    need(a.image_size is None or (a.image_size >= 64 and a.image_size % 32 == 0), '--image-size', a.image_size,
-         'must be a multiple of 32 and >= 64')
+    need(a.image_size is None or (64 <= a.image_size <= MAX_IMAGE_SIZE and a.image_size % 32 == 0), '--image-size', a.image_size,
+         f'must be a multiple of 32 between 64 and {MAX_IMAGE_SIZE}')
     need(a.query_size is None or 8 <= a.query_size <= (a.image_size or 4096), '--query-size', a.query_size,
          f'must be in [8, image size{f" {a.image_size}" if a.image_size else ""}]')
     if not [s for s in a.split.split(',') if s]: raise ValueError(f"--split {a.split!r}: give at least one split")
@@ -440,11 +442,11 @@ def _run(argv:list|None=None)->int:
     if a.checkpoint and train_data and not a.no_exclude_training: exclude.append((train_data, train_split))
     excluded, unnamed, sources = excluded_ids(exclude)
     parts = [(a.data, s) for s in a.split.split(',') if s] + list(a.gallery)
-    gallery = open_gallery(parts, excluded)
+    gallery = open_gallery(parts, excluded, a.skip_unreadable)
     ref_data = a.reference_data or (train_data if a.checkpoint else None) or ('synthetic' if a.data == 'synthetic' else None)
     ref_split = a.reference_split or (train_split if a.checkpoint and not a.reference_data else 'train2017')
     reference = open_images(ref_data, ref_split) if ref_data and a.reference_queries else None
-    validation = open_gallery(a.validation, set(gallery.ids) - {None}) if a.validation else None
+    validation = open_gallery(a.validation, set(gallery.ids) - {None}, a.skip_unreadable) if a.validation else None
     if validation is not None and not len(validation): raise ValueError("--validation: every image is in the gallery")
     metrics = evaluate(model, gallery, image_size=image_size, query_size=query_size, queries=a.queries, seed=a.seed,
                        random_init=twin, baselines=not a.no_baselines, device=device, max_images=a.max_images,

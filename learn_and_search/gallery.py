@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 import torch
 from torch.utils.data import Dataset
-from .data import CocoImages, IMAGE_EXTS, load_coco, object_queries, open_images, sample_query_box
+from .data import CocoImages, IMAGE_EXTS, load_coco, object_queries, open_checked, open_images, sample_query_box
 
 # %% auto #0
 __all__ = ['name_id', 'image_ids', 'training_ids', 'excluded_ids', 'Gallery', 'open_gallery', 'reference_images']
@@ -71,7 +71,8 @@ class Gallery(Dataset):
                 if iid is not None and iid in seen: self.duplicates += 1; continue
                 seen.add(iid); self.rows.append((s, j)); self.ids.append(iid); kept += 1
             data, split = labels[s] if labels else (str(getattr(images, 'root', '?')), getattr(images, 'split', None))
-            self.parts.append(dict(data=str(data), split=split, n_images=len(images), n_kept=kept))
+            self.parts.append(dict(data=str(data), split=split, n_images=len(images), n_kept=kept,
+                                   n_unreadable=len(getattr(images, 'skipped', []))))
             self.categories.update(getattr(images, 'categories', {}) or {})
         self.labelled = all(isinstance(images, CocoImages) for images in self.sets)
 
@@ -102,8 +103,10 @@ def open_gallery(parts:list,                 # [(data, split)]: 'synthetic' or a
                  exclude_ids:set=frozenset(),
                  skip_unreadable:bool=False,
                 )->Gallery:
-    "Open each `(data, split)` part and join them into a `Gallery` without `exclude_ids`"
-    return Gallery([open_images(d, s, skip_unreadable) for d, s in parts], exclude_ids, labels=[(str(d), s) for d, s in parts])
+    "Open each `(data, split)` part and join them into a `Gallery` without `exclude_ids` (`skip_unreadable`: see `open_checked`)"
+    # never the datasets' own skip policy: it hands back the next image in place of a bad one, under the bad one's queries
+    sets = [open_checked(d, s, skip_unreadable=True) if skip_unreadable else open_images(d, s) for d, s in parts]
+    return Gallery(sets, exclude_ids, labels=[(str(d), s) for d, s in parts])
 
 # %% ../nbs/01d_gallery.ipynb #a1d0c010
 def reference_images(images,                # image set the reference queries come from (not the gallery)

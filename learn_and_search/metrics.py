@@ -11,7 +11,7 @@ from torch import Tensor
 from .grid import box_hits, cell_corners, cells_hit, cells_in_boxes
 
 # %% auto #0
-__all__ = ['CATEGORY_K', 'best_cells', 'sga_hits', 'chance_sga', 'sga_rates', 'gap_ratio', 'wilson_interval',
+__all__ = ['MAX_BOOTSTRAP', 'CATEGORY_K', 'best_cells', 'sga_hits', 'chance_sga', 'sga_rates', 'gap_ratio', 'wilson_interval',
            'bootstrap_interval', 'sga_intervals', 'relevance', 'query_retrieval', 'retrieval_metrics',
            'chance_per_query', 'retrieval_chance', 'category_summary', 'category_retrieval', 'per_category']
 
@@ -80,6 +80,8 @@ def wilson_interval(k:int,            # successes
     centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return (max(0., centre - half), min(1., centre + half))
 
+MAX_BOOTSTRAP = 100_000   # resamples: beyond, the interval's Monte Carlo error no longer shrinks visibly but the time does not stop growing
+
 def bootstrap_interval(values:Tensor,     # (B,) per-query values (hits as 0/1)
                        groups:Tensor,     # (B,) cluster of each query (its image); clusters are resampled whole
                        level:float=0.95,  # coverage
@@ -87,6 +89,7 @@ def bootstrap_interval(values:Tensor,     # (B,) per-query values (hits as 0/1)
                        seed:int=0,        # seed of the resampling generator
                       )->tuple:           # (lo, hi) of the pooled mean; (None, None) for no values
     "Percentile bootstrap interval of the mean of `values`, resampling whole `groups` (a cluster bootstrap)"
+    if not (isinstance(n_boot, int) and 1 <= n_boot <= MAX_BOOTSTRAP): raise ValueError(f'n_boot={n_boot!r}: must be in [1, {MAX_BOOTSTRAP:,}]')
     if len(values) == 0: return (None, None)
     _, inv = torch.unique(groups.cpu(), return_inverse=True)
     n = int(inv.max()) + 1

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from .data import ImageReadError, resize_square
+from .data import ImageReadError, check_image_size, resize_square
 from .embed import (ReadOrReport, SceneCollate, as_image, check_box, embed_cells, embed_query,
                     reference_crops)
 from .hubness import SCORE_MODES
@@ -319,7 +319,7 @@ def _build(cls,
     n, levels = len(images), tuple(levels)
     if n == 0: raise ValueError("the gallery is empty: no images to index")
     image_size = int(image_size or getattr(model, 'config', {}).get('image_size', 256))
-    if image_size % 32 or image_size < 64: raise ValueError(f"image_size must be a multiple of 32 and >= 64, got {image_size}")
+    check_image_size(image_size)
     if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if reference and reference < 2: raise ValueError(f"reference must be 0 (none) or >= 2 crops, got {reference}")
     device = torch.device(device) if device else next(model.parameters()).device

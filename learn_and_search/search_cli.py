@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
-from .data import check_readable, load_image, open_images
+from .data import check_image_size, load_image, open_checked, open_images
 from .embed import as_image, check_box, embed_query
 from .hubness import SCORE_MODES
 from .index import DEFAULT_LEVELS, KINDS
@@ -116,7 +116,7 @@ def _check_numbers(a):
     for flag, (dest, lo) in NUMERIC_FLAGS.items():
         v = getattr(a, dest, None)
         if v is not None and v < lo: raise ValueError(f"{flag} must be >= {lo}, got {v}")
-    if getattr(a, 'image_size', None) and a.image_size % 32: raise ValueError(f"--image-size must be a multiple of 32, got {a.image_size}")
+    if getattr(a, 'image_size', None) is not None: check_image_size(a.image_size, '--image-size')
     if getattr(a, 'reference', 0) == 1: raise ValueError("--reference must be 0 (none) or >= 2 crops, got 1")
 
 def parse_args(argv:list)->argparse.Namespace:
@@ -139,12 +139,13 @@ def _build(a)->dict:
         else:
             source = dict(random_init=dict(preset=a.preset, arch=a.arch, dim=a.dim, seed=a.seed))
             model = model_from_source(source, device)
-        # opened without the dataset's own skip policy (which would hand back the next image instead): the check
-        # below and the build's reader decide, and count, what is skipped
-        opened = lambda p, split: open_images(str(Path(p).resolve()) if p != 'synthetic' else p, split=split)
-        images, skipped = opened(a.images, a.split), []
+        where = lambda p: str(Path(p).resolve()) if p != 'synthetic' else p
+        opened = lambda p, split: open_images(where(p), split=split)
+        if a.limit is None: images = open_checked(where(a.images), a.split, a.skip_unreadable, full=False, progress=not a.no_progress)
+        else:   # the first --limit images, unchecked: the build's reader counts what it skips (never substitutes)
+            images = open_images(where(a.images), a.split, a.skip_unreadable); images.skip_unreadable = False
+        skipped = [f'{p}: {why}' for p, why in images.skipped]   # files listed but missing, and images found unreadable
         if a.limit is not None: images = Subset(images, range(min(a.limit, len(images))))
-        else: skipped = [f'{p}: {why}' for p, why in check_readable(images, a.skip_unreadable, full=False, progress=not a.no_progress)]
         ref_images = opened(a.reference_images, a.reference_split or a.split) if a.reference_images else None
         index = SearchIndex.build(model, images, levels, a.kind, a.image_size, a.batch_size, device, a.workers,
                                   a.nlist, a.nprobe, a.M, a.ef_search, progress=not a.no_progress, reference=a.reference,

@@ -146,12 +146,30 @@ def test_las_eval_bad_input(tmp_path, capsys):
     (['--query-size', '4000', '--image-size', '128'], '--query-size 4000'), (['--batch-size', '0'], '--batch-size 0'),
     (['--queries-per-image', '0'], '--queries-per-image 0'), (['--max-images', '0'], '--max-images 0'),
     (['--image-size', '100'], '--image-size 100'), (['--reference-queries', '1'], '--reference-queries 1'),
-    (['--bootstrap', '5'], '--bootstrap 5'), (['--seed', '-1'], '--seed -1'), (['--device', 'tpu'], "'tpu'")])
+    (['--bootstrap', '5'], '--bootstrap 5'), (['--bootstrap', '100000000'], '--bootstrap 100000000: must be in [100, 100,000]'),
+    (['--image-size', '100000'], '--image-size 100000: must be a multiple of 32 between 64 and 2048'),
+    (['--seed', '-1'], '--seed -1'), (['--device', 'tpu'], "'tpu'")])
 def test_las_eval_rejects_bad_flag_values(tmp_path, capsys, flags, message):
     "Every numeric flag is checked before any work: one line naming the flag and value, exit 2, nothing written"
     code, err = _cli(['--random-init', '--preset', 'model1', '--out', str(tmp_path / 'o'), *flags], capsys)
     assert code == 2 and err.startswith('las-eval: error: ') and message in err and err.count('\n') == 1, err
     assert not (tmp_path / 'o').exists()
+
+
+def test_las_eval_skip_unreadable_leaves_a_bad_gallery_image_out(tmp_path, capsys):
+    "A corrupt gallery image stops las-eval with the hint to --skip-unreadable, which it accepts: left out first, counted"
+    from learn_and_search.synthetic import make_synthetic_coco
+    root = make_synthetic_coco(tmp_path / 'coco', n_train=2, n_val=5, image_size=64, seed=0)
+    bad = sorted((Path(root) / 'val2017').iterdir())[2]; bad.write_bytes(b'not an image')
+    argv = ['--random-init', '--preset', 'model1', '--dim', '32', '--data', str(root), '--image-size', '64', '--query-size', '32',
+            '--no-baselines', '--reference-queries', '0', '--bootstrap', '100', '--out', str(tmp_path / 'o')]
+    code, err = _cli(argv, capsys)
+    assert code == 2 and bad.name in err and 'pass --skip-unreadable' in err and err.count('\n') == 1, err
+    code, err = _cli(argv + ['--skip-unreadable'], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / 'o' / 'metrics.json').read_text())
+    assert metrics['gallery']['size'] == 4 and metrics['gallery']['parts'][0]['n_unreadable'] == 1, metrics['gallery']
+    assert metrics['n_queries']['localization'] == 4 * 8
 
 
 def test_las_eval_refuses_corrupt_and_hostile_checkpoints(tmp_path, capsys):

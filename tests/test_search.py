@@ -420,3 +420,18 @@ def test_library_imports_without_fastcore():
             "learn_and_search.search, learn_and_search.search_cli, learn_and_search.bench_search")
     p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+def test_build_skip_unreadable_leaves_out_a_coco_entry_whose_file_is_missing(tmp_path):
+    "A COCO image record whose file is gone: named without --skip-unreadable, left out and counted with it (as las-train does)"
+    from learn_and_search.synthetic import make_synthetic_coco
+    root = make_synthetic_coco(tmp_path / 'coco', n_train=2, n_val=4, image_size=64, seed=0)
+    gone = sorted((Path(root) / 'val2017').iterdir())[1]; gone.unlink()
+    args = ['build', '--images', root, '--split', 'val2017', '--random-init', '--dim', '32', '--image-size', '64',
+            '--reference', '0', '--no-progress']
+    rc, so, err = run_cli_lines(*args, '--out', tmp_path / 'idx')
+    assert rc == 2 and so == '' and len(err) == 1 and gone.name in err[0] and 'missing' in err[0], err
+    rc, so, err = run_cli_lines(*args, '--out', tmp_path / 'idx', '--skip-unreadable')
+    assert rc == 0, err
+    res = json.loads(so)
+    assert res['images'] == 3 and res['skipped'] == 1 and gone.name in res['skipped_images'][0], res
