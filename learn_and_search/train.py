@@ -435,18 +435,23 @@ def _restore(ckpt:dict, model, opt, sched)->int:
     set_rng_state(ckpt['rng'])
     return ckpt['step']
 
+def _weights_state(s:RunState)->dict:
+    "The weights alone (no optimiser state: a third of a checkpoint), loadable by `load_model` but not resumable"
+    return dict(model=s.model.state_dict(), step=s.step, config={**getattr(s.model, 'config', {}), **s.config.to_dict()},
+                torch_version=str(torch.__version__))
+
 def _snapshot(s:RunState):
-    "Write the weights alone (no optimiser state: a third of a checkpoint) to snapshots/step_N.pt, for SGA-vs-pairs curves"
+    "Write the weights to snapshots/step_N.pt, for SGA-vs-pairs curves (never pruned)"
     path = s.folder.out/'snapshots'/f'step_{s.step:07d}.pt'
     path.parent.mkdir(exist_ok=True)
-    save_checkpoint(dict(model=s.model.state_dict(), step=s.step, config={**getattr(s.model, 'config', {}), **s.config.to_dict()},
-                         torch_version=str(torch.__version__)), path)
+    save_checkpoint(_weights_state(s), path)
 
 def _save(s:RunState):
-    "Checkpoint `s` (last.pt, plus a periodic file every `checkpoint_every` steps), prune old ones, update config.json"
+    "Checkpoint `s` to last.pt (resumable), every `checkpoint_every` steps also its weights, prune old ones, update config.json"
     c, f = s.config, s.folder
-    periodic = [f.checkpoints/f'step_{s.step:07d}.pt'] if s.step % c.checkpoint_every == 0 else []
-    save_checkpoint(_checkpoint_state(s), f.last, *periodic)   # last.pt first: a kill between the two leaves it current
+    save_checkpoint(_checkpoint_state(s), f.last)   # last.pt first: a kill between the two leaves it current
+    # periodic files hold the weights only: the run folder stays bounded (last.pt + keep_checkpoints thirds of it)
+    if s.step % c.checkpoint_every == 0: save_checkpoint(_weights_state(s), f.checkpoints/f'step_{s.step:07d}.pt')
     f.write_config(c)
     prune_checkpoints(f.checkpoints, c.keep_checkpoints)
 

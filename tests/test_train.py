@@ -221,6 +221,10 @@ def test_outputs_follow_the_umask_and_old_periodic_checkpoints_are_pruned(tmp_pa
     assert code == 0, err
     run = tmp_path/'r'
     assert sorted(p.name for p in (run/'checkpoints').iterdir()) == ['last.pt', 'step_0000004.pt', 'step_0000005.pt']
+    periodic, last = (torch.load(run/'checkpoints'/n, weights_only=True) for n in ('step_0000005.pt', 'last.pt'))
+    assert 'optimizer' not in periodic and 'optimizer' in last and periodic['step'] == last['step'] == 5   # weights only
+    assert all(torch.equal(periodic['model'][k], v) for k, v in last['model'].items())
+    assert (run/'checkpoints'/'step_0000005.pt').stat().st_size < 0.5 * (run/'checkpoints'/'last.pt').stat().st_size
     for p in ('config.json', 'metrics.jsonl', 'checkpoints/last.pt', 'checkpoints/step_0000005.pt'):
         assert stat.S_IMODE((run/p).stat().st_mode) == 0o640, p
     assert stat.S_IMODE((run/'checkpoints').stat().st_mode) == 0o750
