@@ -358,7 +358,8 @@ class RunFolder:
         try: ckpt = load_checkpoint(self.last)
         except ValueError as e:
             older = [p for p in periodic_checkpoints(self.checkpoints) if not os.path.samefile(p, self.last)]
-            if older: raise ValueError(f"{e}; to resume from the latest periodic checkpoint, copy {older[-1]} over it") from None
+            if older: raise ValueError(f"{e}; the periodic checkpoints hold weights only ({older[-1]} loads with load_model), "
+                                       "so this run cannot resume: train again into another --out") from None
             raise
         if not isinstance(ckpt.get('config'), dict) or 'step' not in ckpt:
             raise ValueError(f"checkpoint {str(self.last)!r} is not a las-train checkpoint (no 'config' or 'step')")
