@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #94799fba
 from __future__ import annotations
-import argparse, json, math, os, shutil, sys, time
+import argparse, hashlib, json, math, os, shutil, sys, time
 from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
 
@@ -24,8 +24,8 @@ from .loss import MIN_TEMPERATURE
 
 # %% auto #0
 __all__ = ['RESUME_MAY_CHANGE', 'TrainConfig', 'build_parser', 'load_config_file', 'parse_config', 'warmup_cosine', 'auto_warmup',
-           'make_optimizer', 'step_generator', 'rng_state', 'set_rng_state', 'sample_query_boxes', 'open_scenes',
-           'train_step', 'RunFolder', 'RunState', 'TrainingDiverged', 'train', 'main']
+           'make_optimizer', 'step_generator', 'rng_state', 'set_rng_state', 'sample_query_boxes', 'data_fingerprint',
+           'open_scenes', 'train_step', 'RunFolder', 'RunState', 'TrainingDiverged', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #ddd52031
 @dataclass
@@ -239,6 +239,11 @@ def _skip_hint(e:Exception)->ValueError:
     if 'skip-unreadable' not in msg and 'skip_unreadable' not in msg: msg += ' (pass --skip-unreadable to leave unreadable images out)'
     return ValueError(msg)
 
+def data_fingerprint(key:dict)->dict:
+    "Count and SHA-256 of the training files (each one's name, size and mtime, and the annotations file), from `cache.source_key`"
+    stamps = json.dumps(dict(annotations=key.get('annotations'), sources=key['sources']))
+    return dict(images=len(key['sources']), sha256=hashlib.sha256(stamps.encode()).hexdigest())
+
 def open_scenes(config:TrainConfig, rank:int=0, world:int=1, device=torch.device('cpu'),
                 progress:bool=True)->tuple:   # (CachedScenes | LoaderScenes, number of images, skipped image names)
     "The training input of `config`: the decoded-image cache (default) or a DataLoader (`config.cache=False`)"
@@ -257,14 +262,18 @@ def open_scenes(config:TrainConfig, rank:int=0, world:int=1, device=torch.device
             if device.type == 'cuda' and n == len(cache) and cache.fits(device): rows = cache.to_device(device)
             elif device.type == 'cuda' and cache.fits(device): rows = rows.to(device)
             scenes = CachedScenes(rows, per_rank, config.seed, rank, world, device)
+            scenes.data_fingerprint = data_fingerprint(cache.manifest['key'])
         else:
+            from learn_and_search.cache import source_key
             images = _data.open_images(config.data, split=config.split, skip_unreadable=config.skip_unreadable)
+            fingerprint = data_fingerprint(source_key(images, config.image_size))   # as the cache's: before any check
             _data.check_readable(images, skip_unreadable=config.skip_unreadable, full=config.skip_unreadable,
                                  progress=progress and rank == 0)
             skipped = [str(p) for p, _ in getattr(images, 'skipped', [])]
             if config.limit_images: images = Subset(images, range(min(config.limit_images, len(images))))
             n = len(images)
             scenes = LoaderScenes(images, config.image_size, per_rank, config.seed, rank, world, config.workers, device)
+            scenes.data_fingerprint = fingerprint
     except _data.ImageReadError as e: raise _skip_hint(e) from None
     if scenes.steps_per_epoch == 0:
         raise ValueError(f"data {config.data!r} has {n} images, fewer than batch_size={config.batch_size}"
@@ -320,6 +329,14 @@ def _check_resumable(config:TrainConfig, saved:dict, path):
             if f.name not in RESUME_MAY_CHANGE and getattr(saved, f.name) != getattr(config, f.name)
             and not (f.name == 'data' and _same_data(saved.data, config.data))]
     if diff: raise ValueError(f"cannot resume from {str(path)!r}, settings changed: " + '; '.join(diff))
+
+def _check_same_data(ckpt:dict|None, now:dict, path):
+    "Refuse to resume from `ckpt` when the files it trained on changed (checkpoints from before the record: not checked)"
+    then = (ckpt or {}).get('data')
+    if then is None or then == now: return
+    what = lambda d: f"{d['images']} images, hash {d['sha256'][:12]}"
+    raise ValueError(f"cannot resume from {str(path)!r}: the training data changed since it was written ({what(then)} then, "
+                     f"{what(now)} now: images added, removed or rewritten); restore the data or train into another --out")
 
 @dataclass
 class RunFolder:
@@ -429,7 +446,7 @@ def _build(config:TrainConfig, device, total_steps:int, fresh:bool=True)->tuple:
 def _checkpoint_state(s:RunState)->dict:
     return dict(model=s.model.state_dict(), optimizer=s.optimizer.state_dict(), scheduler=s.scheduler.state_dict(),
                 step=s.step, epoch=s.step // s.steps_per_epoch, config={**getattr(s.model, 'config', {}), **s.config.to_dict()},
-                rng=rng_state(), torch_version=str(torch.__version__))
+                rng=rng_state(), torch_version=str(torch.__version__), data=s.scenes.data_fingerprint)
 
 def _restore(ckpt:dict, model, opt, sched)->int:
     model.load_state_dict(ckpt['model']); opt.load_state_dict(ckpt['optimizer']); sched.load_state_dict(ckpt['scheduler'])
@@ -530,6 +547,7 @@ def train(config:TrainConfig, # validated here
         folder = RunFolder.open(config, rank)
         ckpt = folder.start(config)
         scenes, n_images, skipped = open_scenes(config, rank, world, device, progress)
+        _check_same_data(ckpt, scenes.data_fingerprint, folder.last)
         if skipped and rank == 0:
             print(f"las-train: skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:20])}"
                   + (' ...' if len(skipped) > 20 else ''), file=sys.stderr)

@@ -348,3 +348,27 @@ def test_training_on_real_photos_learns_to_localize(tmp_path):
     for lvl, r in report.items():
         assert r['trained'] > r['chance'], (lvl, report)
         assert r['trained'] >= 3 * r['random_init'], (lvl, report)
+
+
+@pytest.mark.parametrize('cache', [True, False])
+def test_resume_refuses_a_training_folder_that_changed(tmp_path, cache):
+    "Images added, removed or rewritten since last.pt: --resume names the change (count and hash) instead of going on"
+    from PIL import Image
+    import numpy as np
+    data = tmp_path/'imgs'; data.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(8): Image.fromarray(g.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data/f'{i}.png')
+    base = ['--data', data, '--image-size', '64', '--query-size', '32', '--batch-size', '4', '--dim', '32', '--levels', 'P3',
+            '--checkpoint-every', '1', '--cache-dir', tmp_path/'cache', *([] if cache else ['--no-cache', '--workers', '0'])]
+    code, err = cli(*base, '--steps', '2', '--out', tmp_path/'r')
+    assert code == 0, err
+    assert weights(tmp_path/'r')['data']['images'] == 8
+    code, err = cli(*base, '--steps', '3', '--out', tmp_path/'r', '--resume')   # nothing changed: resumes
+    assert code == 0, err
+    for change in (lambda: Image.fromarray(g.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data/'8.png'),   # added
+                   lambda: (data/'8.png').unlink() or (data/'0.png').unlink(),                                    # removed
+                   lambda: Image.fromarray(g.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data/'1.png')):  # rewritten
+        change()
+        code, err = cli(*base, '--steps', '4', '--out', tmp_path/'r', '--resume')
+        assert_one_line_error(code, err, 'cannot resume from', 'the training data changed since it was written', '8 images')
+        assert weights(tmp_path/'r')['step'] == 3
