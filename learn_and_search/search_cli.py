@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
-from .data import check_image_size, load_image, open_checked, open_images
+from .data import ImageReadError, check_image_size, load_image, open_checked, open_images
 from .embed import as_image, check_box, embed_query
 from .hubness import SCORE_MODES
 from .index import DEFAULT_LEVELS, KINDS
@@ -22,15 +22,16 @@ from .search import SearchIndex
 from .utils import atomic_path, resolve_device, run_cli, script_entry
 
 # %% auto #0
-__all__ = ['NUMERIC_FLAGS', 'plot_results', 'save_figure', 'model_from_source', 'parse_args', 'parse_box', 'main']
+__all__ = ['NUMERIC_FLAGS', 'plot_results', 'printable', 'save_figure', 'model_from_source', 'parse_args', 'parse_box', 'main']
 
 # %% ../nbs/07d_search_cli.ipynb #d6702c94
 def plot_results(crop:Tensor,        # uint8 (3, q, q) query crop
                  results:list,       # result dicts from `search`
                  images:dict=None,   # optional path -> uint8 (3, H, W); other results are read from their path
                  cols:int=6,         # panels per row
+                 unreadable:list|None=None, # gets (path, reason) of each result image that could not be read
                 ):
-    "A matplotlib figure of the query crop followed by each result with its box and score"
+    "A matplotlib figure of the query crop followed by each result with its box and score (a grey panel if unreadable)"
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
     n, images = len(results) + 1, images or {}
@@ -40,12 +41,21 @@ def plot_results(crop:Tensor,        # uint8 (3, q, q) query crop
     for ax in axs: ax.axis('off')
     axs[0].imshow(crop.permute(1, 2, 0).numpy()); axs[0].set_title('query', fontsize=9)
     for ax, r in zip(axs[1:], results):
-        img = images[r['image']] if r['image'] in images else as_image(r['image'])
+        name = printable(Path(r['image']).name)[:18]
+        try: img = images[r['image']] if r['image'] in images else as_image(r['image'])
+        except ImageReadError as e:   # deleted or damaged since the build: the other panels still tell their story
+            if unreadable is not None: unreadable.append((r['image'], str(e).removeprefix(f"{r['image']}: ")))
+            ax.imshow(np.full((8, 8, 3), 200, np.uint8)); ax.text(4, 4, 'unreadable', ha='center', va='center', fontsize=8)
+            ax.set_title(f"{name}\n{r['score']:.3f} {r['level']}", fontsize=8); continue
         ax.imshow(img.permute(1, 2, 0).numpy())
         x, y, w, h = r['box']
         ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor='lime', linewidth=2))
-        ax.set_title(f"{Path(r['image']).name[:18]}\n{r['score']:.3f} {r['level']}", fontsize=8)
+        ax.set_title(f"{name}\n{r['score']:.3f} {r['level']}", fontsize=8)
     return fig
+
+def printable(text:str)->str:
+    "`text` (a file name, possibly undecodable bytes as surrogates) as valid UTF-8, for titles and messages"
+    return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
 
 def save_figure(fig, path)->Path:
     "Write `fig` to `path` atomically with the umask's mode (`utils.atomic_path`); the format follows the suffix"
@@ -167,7 +177,7 @@ def parse_box(text:str)->list:
         return [float(v) for v in parts]
     except ValueError: raise ValueError(f"--box must be x,y,w,h (4 comma-separated numbers), got {text!r}") from None
 
-def _query(a)->dict:
+def _query(a)->tuple:   # (the JSON-ready answer, a function drawing --grid or None)
     box = parse_box(a.box)
     index = SearchIndex.load(a.index)
     score = a.score or index.default_score
@@ -184,13 +194,19 @@ def _query(a)->dict:
     index.model = model
     q, crop = embed_query(model, image, box, index.image_size, index.query_size)
     results = index.results(*index.search_vectors(q[None], a.k, a.rerank, score=score))[0]   # k clamped to the gallery there
-    if a.grid: save_figure(plot_results(crop, results, images={str(a.image): image}), a.grid)
-    return dict(query=dict(image=str(a.image), box=box, k=a.k, score=score, index=str(a.index)), results=results)
+    def draw():
+        bad = []
+        save_figure(plot_results(crop, results, images={str(a.image): image}, unreadable=bad), a.grid)
+        if bad: print(f"las-search: warning: --grid {a.grid}: {len(bad)} result image(s) unreadable, drawn grey: "
+                      + '; '.join(f'{printable(p)}: {why}' for p, why in bad), file=sys.stderr)
+    answer = dict(query=dict(image=str(a.image), box=box, k=a.k, score=score, index=str(a.index)), results=results)
+    return answer, draw if a.grid else None
 
 def _main(argv:list)->int:
     a = parse_args(argv)
-    out = _build(a) if a.command == 'build' else _query(a)
-    print(json.dumps(out, indent=1))
+    out, draw = (_build(a), None) if a.command == 'build' else _query(a)
+    print(json.dumps(out, indent=1), flush=True)   # the results first: a failing --grid must not cost them
+    if draw: draw()
     return 0
 
 def main(argv:list=None)->int:  # exit status: 0 ok, 2 bad input

@@ -435,3 +435,25 @@ def test_build_skip_unreadable_leaves_out_a_coco_entry_whose_file_is_missing(tmp
     assert rc == 0, err
     res = json.loads(so)
     assert res['images'] == 3 and res['skipped'] == 1 and gone.name in res['skipped_images'][0], res
+
+
+def test_grid_problems_never_cost_the_results(tmp_path):
+    "A non-UTF-8 file name and a gallery image deleted after the build: the JSON comes first, the grid is drawn anyway"
+    from PIL import Image
+    folder = tmp_path / 'imgs'; folder.mkdir()
+    g = np.random.default_rng(0)
+    names = [os.fsdecode(b'caf\xe9.png'), 'a.png', 'b.png', 'c.png']   # the first is Latin-1 bytes, not UTF-8
+    for i, n in enumerate(names): Image.fromarray(g.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / n)
+    rc, so, err = run_cli_lines('build', '--images', folder, '--random-init', '--dim', '32', '--image-size', '64',
+                                '--reference', '0', '--no-progress', '--out', tmp_path / 'idx')
+    assert rc == 0, err
+    query = ['query', '--index', tmp_path / 'idx', '--image', folder / 'a.png', '--box', '8,8,30,30', '-k', '4']
+    p = las_search(*query, '--grid', tmp_path / 'g1.png')
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads(p.stdout)['results']) == 4 and (tmp_path / 'g1.png').read_bytes()[:4] == b'\x89PNG'
+    (folder / 'b.png').unlink()
+    p = las_search(*query, '--grid', tmp_path / 'g2.png')
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads(p.stdout)['results']) == 4 and (tmp_path / 'g2.png').read_bytes()[:4] == b'\x89PNG'
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'warning: --grid' in lines[0] and '1 result image(s) unreadable' in lines[0] and 'b.png' in lines[0]
