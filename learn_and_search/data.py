@@ -115,6 +115,14 @@ def exif_boxes(boxes:Tensor, # (N, 4) xywh on the stored pixels
 def _is_int(v): return isinstance(v, int) and not isinstance(v, bool)
 def _is_num(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+def _repeated(ids:list)->list:
+    "The ids occurring more than once in `ids` (the first 10), for messages"
+    seen, twice = set(), []
+    for i in ids:
+        if i in seen and i not in twice: twice.append(i)
+        seen.add(i)
+    return twice[:10]
+
 def _need(rec, keys, what, path):
     missing = [k for k in keys if k not in rec] if isinstance(rec, dict) else list(keys)
     if missing: raise ValueError(f'{path}: {what} {str(rec)[:80]} lacks {missing}')
@@ -141,8 +149,8 @@ def load_coco(path)->COCO:
     for c in d['categories']:
         _need(c, ('id', 'name'), 'category', path); _check(_is_int(c['id']), path, 'category', c, 'id', 'an integer')
     images, cats = {im['id'] for im in d['images']}, {c['id'] for c in d['categories']}
-    if len(images) < len(d['images']): raise ValueError(f'{path}: duplicate image ids')
-    if len(cats) < len(d['categories']): raise ValueError(f'{path}: duplicate category ids')
+    for what, ids in (('image', [im['id'] for im in d['images']]), ('category', [c['id'] for c in d['categories']])):
+        if len(set(ids)) < len(ids): raise ValueError(f'{path}: duplicate {what} ids {_repeated(ids)}')
     for a in d['annotations']:
         _need(a, ('id', 'image_id', 'category_id', 'bbox'), 'annotation', path)
         if not _is_int(a['id']): raise ValueError(f'{path}: annotation id {a["id"]!r} is not an integer')
@@ -150,6 +158,8 @@ def load_coco(path)->COCO:
         if not _is_int(a['category_id']) or a['category_id'] not in cats: raise ValueError(f'{path}: annotation {a["id"]} has category id {a["category_id"]}, which is not in "categories"')
         if not (isinstance(a['bbox'], list) and len(a['bbox']) == 4 and all(_is_num(v) for v in a['bbox'])): raise ValueError(f'{path}: annotation {a["id"]} bbox {a["bbox"]} is not [x, y, w, h]')
         if a.get('iscrowd', 0) not in (0, 1): raise ValueError(f'{path}: annotation {a["id"]} iscrowd {a["iscrowd"]!r} is not 0 or 1')
+    ann_ids = [a['id'] for a in d['annotations']]   # pycocotools would keep the last of each silently
+    if len(set(ann_ids)) < len(ann_ids): raise ValueError(f'{path}: duplicate annotation ids {_repeated(ann_ids)}')
     coco = COCO(); coco.dataset = d
     with contextlib.redirect_stdout(io.StringIO()): coco.createIndex()   # silence pycocotools' prints
     return coco
