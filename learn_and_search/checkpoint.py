@@ -34,6 +34,8 @@ def save_checkpoint(state:dict, # tensors, numbers, strings and plain containers
 class CheckpointNotFoundError(FileNotFoundError, ValueError):
     "A checkpoint or weights file that does not exist"
 
+_NOT_TORCH = 'is not a torch file written by torch.save (truncated, corrupt or some other format)'
+
 def read_torch_file(path,                   # a file written by `torch.save`
                     map_location='cpu',     # where tensors are put
                     what:str='checkpoint',  # what the file should be, for messages ('checkpoint', 'weights file')
@@ -44,14 +46,15 @@ def read_torch_file(path,                   # a file written by `torch.save`
         raise CheckpointNotFoundError(f"{what} {str(path)!r} does not exist" + (' (it is a folder)' if path.is_dir() else ''))
     if path.stat().st_size == 0: raise ValueError(f"{what} {str(path)!r} is empty (0 bytes): it was not written completely")
     try: return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        why = 'holds pickled Python objects, not only tensors and plain containers; refused (it may be hostile, or not a learn_and_search file)'
+    except pickle.UnpicklingError as e:   # a pickle naming code to run (GLOBAL), or bytes that are no pickle at all
+        why = ('holds pickled Python objects, not only tensors and plain containers; refused (it may be hostile, or not a '
+               'learn_and_search file)' if re.search(r'GLOBAL|[Uu]nsupported global', str(e)) else _NOT_TORCH)
     except PermissionError: raise
     except (RuntimeError, OSError) as e:   # the zip reader: RuntimeError, or OSError EINVAL for a short archive
         why = ('is truncated or corrupt (not a complete torch zip archive)' if 'zip archive' in str(e) or isinstance(e, OSError)
                else f'could not be read as tensors: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}')
     except (EOFError, KeyError, ValueError, TypeError, AttributeError, IndexError, OverflowError, MemoryError, UnicodeDecodeError):
-        why = 'is not a torch file written by torch.save (truncated, corrupt or some other format)'
+        why = _NOT_TORCH
     raise ValueError(f"{what} {str(path)!r} {why}")
 
 def load_checkpoint(path,                # a file written by `save_checkpoint`
