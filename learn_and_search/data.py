@@ -112,7 +112,7 @@ def exif_boxes(boxes:Tensor, # (N, 4) xywh on the stored pixels
                         5: (y, x, h, w), 6: (Y, x, h, w), 7: (Y, X, h, w), 8: (y, X, h, w)}[orientation], -1)
 
 # %% ../nbs/01_data.ipynb #121dfdd3
-def _is_int(v): return isinstance(v, int) and not isinstance(v, bool)
+def _is_int(v, lo=None): return isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)
 def _is_num(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 def _repeated(ids:list)->list:

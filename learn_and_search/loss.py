@@ -4,16 +4,16 @@
 
 # %% ../nbs/03_loss.ipynb #5e46090a
 from __future__ import annotations
-import functools, math, time
+import functools, math
 from typing import NamedTuple
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
 from torch import Tensor
-from .grid import STRIDES, cell_boxes, cells_hit, cells_in_boxes, nominal_grids, positive_cells
+from .grid import cell_boxes, cells_hit, cells_in_boxes, positive_cells
 
 # %% auto #0
 __all__ = ['MIN_TEMPERATURE', 'LossOutput', 'LevelLayout', 'level_layout', 'anchor_masks', 'ant_xent_logits', 'AntXentLoss',
-           'ant_xent_reference', 'loss_inputs', 'time_loss']
+           'ant_xent_reference']
 
 # %% ../nbs/03_loss.ipynb #dfd344e3
 MIN_TEMPERATURE = 1e-4
@@ -211,39 +211,3 @@ def ant_xent_reference(query:Tensor,     # (B, D), scene-major: query b was cut 
             losses.append(-torch.log_softmax(logits, 0)[0])
         level_losses.append(torch.stack(losses).mean())
     return torch.stack(level_losses).mean()
-
-# %% ../nbs/03_loss.ipynb #c9ed4124
-def loss_inputs(batch:int=32,        # B
-                dim:int=256,         # D
-                image_size:int=256,  # S: grids of P3.. at strides 8, 16, 32, ... (ceil(S / stride) cells a side)
-                levels:int=5,        # how many levels from P3
-                device='cpu', dtype=torch.float32, seed:int=0,
-                requires_grad:bool=True,  # leaf query and grids, so that a backward pass can be timed
-               )->tuple:             # (query (B, D), grids level -> (B, D, H, W), boxes (B, 4), S)
-    "Random unit embeddings and boxes with the model's grid sizes at `image_size`, for timing the loss alone"
-    g = torch.Generator().manual_seed(seed)
-    sizes = nominal_grids(tuple(STRIDES)[:levels], image_size)                # level -> (H, W)
-    unit = lambda *s: F.normalize(torch.randn(*s, generator=g), dim=1).to(device, dtype).requires_grad_(requires_grad)
-    grids = {level: unit(batch, dim, h, w) for level, (h, w) in sizes.items()}
-    wh = (0.1 + 0.4 * torch.rand(batch, 2, generator=g)) * image_size
-    boxes = torch.cat([torch.rand(batch, 2, generator=g) * (image_size - wh), wh], 1).to(device)
-    return unit(batch, dim), grids, boxes, image_size
-
-def time_loss(loss_fn,              # e.g. `AntXentLoss()`, called as loss_fn(query, grids, boxes, image_size)
-              inputs:tuple,         # from `loss_inputs`
-              steps:int=10,         # timed calls
-              warmup:int=2,         # untimed calls first
-              backward:bool=True,   # time forward + backward
-             )->dict:               # ms: median milliseconds per call; ms_all: each timed call
-    "Time `loss_fn` alone on `inputs`, synchronizing the device around each call"
-    query, grids, boxes, S = inputs
-    sync = torch.cuda.synchronize if query.device.type == 'cuda' else (lambda: None)
-    times = []
-    for _ in range(warmup + steps):
-        sync(); t0 = time.perf_counter()
-        out = loss_fn(query, grids, boxes, S)
-        if backward: out.loss.backward()
-        sync(); times.append(1000 * (time.perf_counter() - t0))
-        for x in (query, *grids.values()): x.grad = None
-    timed = times[warmup:]
-    return dict(ms=sorted(timed)[len(timed) // 2], ms_all=timed, steps=steps, backward=backward)

@@ -18,7 +18,7 @@ from .checkpoint import (save_checkpoint, load_checkpoint, periodic_checkpoints,
                                          truncate_metrics)
 from .distributed import CachedScenes, LoaderScenes, epoch_order, init_distributed, mean_across_ranks
 from .models import LEVELS as ALL_LEVELS, check_arch, check_levels
-from .data import check_image_size, check_crop_frac
+from .data import _is_int, check_image_size, check_crop_frac
 from . import data as _data
 from .loss import MIN_TEMPERATURE
 
@@ -92,7 +92,6 @@ def _chapter_check(name:str, value, check):
     try: check(value)
     except (ValueError, KeyError, TypeError) as e: raise ValueError(f"TrainConfig.{name}={value!r}: {e}") from None
 
-def _is_int(v, lo=None): return isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)
 
 def _validate(c:TrainConfig)->TrainConfig:
     "Raise ValueError naming the first bad field of `c`; return `c`"

@@ -414,7 +414,8 @@ def test_build_skip_unreadable_counts_and_names_bad_images(tmp_path):
 
 
 def test_library_imports_without_fastcore():
-    "fastcore is a dev requirement only: the search modules must import without it (as after a plain `pip install .`)"
+    "The search modules import without fastcore (a requirement that only las-train's help texts import, lazily), as on a
+    machine with just torch, numpy and faiss, such as the GPU machine `scripts/gpu_run.sh` expects"
     code = ("import sys; sys.modules['fastcore'] = None; "        # any `import fastcore...` now raises ImportError
             "import learn_and_search.index, learn_and_search.embed, learn_and_search.index_store, "
             "learn_and_search.search, learn_and_search.search_cli, learn_and_search.bench_search")
