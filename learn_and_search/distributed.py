@@ -65,6 +65,7 @@ class CachedScenes:
                  device=torch.device('cpu')):
         self.rows, self.per_rank, self.seed, self.rank, self.world, self.device = rows, per_rank, seed, rank, world, torch.device(device)
         self.resident = rows.device == self.device
+        self.prefetch = not self.resident and self.device.type != 'cpu'   # a thread pays only beside an accelerator
         self.steps_per_epoch = (len(rows) // world) // per_rank
         self._epoch, self._order, self._pool = None, None, None
 
@@ -82,14 +83,21 @@ class CachedScenes:
 
     def epoch(self, epoch:int, first:int=0):
         "Yield the scenes of steps `first`.. of `epoch` (streamed input: the next step's are prepared meanwhile)"
-        if self.resident or self.device.type == 'cpu':
+        if not self.prefetch:
             for k in range(first, self.steps_per_epoch): yield self._gather(epoch, k)
             return
         self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix='las-train-input')
         nxt = self._pool.submit(self._gather, epoch, first) if first < self.steps_per_epoch else None
-        for k in range(first, self.steps_per_epoch):
-            cur, nxt = nxt, (self._pool.submit(self._gather, epoch, k + 1) if k + 1 < self.steps_per_epoch else None)
-            yield cur.result()
+        try:
+            for k in range(first, self.steps_per_epoch):
+                cur, nxt = nxt, (self._pool.submit(self._gather, epoch, k + 1) if k + 1 < self.steps_per_epoch else None)
+                yield cur.result()   # an error in the input thread is raised here, in the training thread
+        finally:
+            if nxt is not None: nxt.cancel()   # left early (an error, Ctrl-C): no gather runs on for nothing
+
+    def close(self):
+        "Stop the input thread, if any (waits for a gather in flight)"
+        if self._pool is not None: self._pool.shutdown(wait=True, cancel_futures=True); self._pool = None
 
 class LoaderScenes:
     "Each step's scenes from a DataLoader over `SceneItems` (decoding in workers), with `CachedScenes`' interface"
@@ -104,6 +112,7 @@ class LoaderScenes:
         "Yield the scenes of steps `first`.. of `epoch`"
         self.sampler.set_epoch(epoch); self.sampler.skip = first * self.per_rank
         yield from self.loader
+    def close(self): pass   # the DataLoader's workers end with it
 
 # %% ../nbs/05a_distributed.ipynb #aa34e0b2
 def init_distributed(device:str='cpu', # 'cpu' or 'cuda': picks gloo or nccl

@@ -534,7 +534,7 @@ def train(config:TrainConfig, # validated here
     device = resolve_device(config.device)
     ddp = init_distributed(device.type)
     rank, world = ddp['rank'], ddp['world']
-    folder = None
+    folder = scenes = None
     try:
         if config.batch_size % world:
             raise ValueError(f"TrainConfig.batch_size={config.batch_size} does not divide across {world} ranks")
@@ -570,6 +570,7 @@ def train(config:TrainConfig, # validated here
         if folder is not None and rank == 0: folder.cleanup()
         raise
     finally:
+        if scenes is not None: scenes.close()   # the input thread of streamed scenes
         if folder is not None: folder.release()
         if ddp['started']: dist.destroy_process_group()
 
