@@ -414,8 +414,8 @@ def test_build_skip_unreadable_counts_and_names_bad_images(tmp_path):
 
 
 def test_library_imports_without_fastcore():
-    "The search modules import without fastcore (a requirement that only las-train's help texts import, lazily), as on a
-    machine with just torch, numpy and faiss, such as the GPU machine `scripts/gpu_run.sh` expects"
+    """The search modules import without fastcore (a requirement that only las-train's help texts import, lazily), as on a
+    machine with just torch, numpy and faiss, such as the GPU machine `scripts/gpu_run.sh` expects"""
     code = ("import sys; sys.modules['fastcore'] = None; "        # any `import fastcore...` now raises ImportError
             "import learn_and_search.index, learn_and_search.embed, learn_and_search.index_store, "
             "learn_and_search.search, learn_and_search.search_cli, learn_and_search.bench_search")
@@ -458,3 +458,24 @@ def test_grid_problems_never_cost_the_results(tmp_path):
     assert len(json.loads(p.stdout)['results']) == 4 and (tmp_path / 'g2.png').read_bytes()[:4] == b'\x89PNG'
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and 'warning: --grid' in lines[0] and '1 result image(s) unreadable' in lines[0] and 'b.png' in lines[0]
+
+
+@pytest.mark.parametrize('kind, params', [('ivf', dict(nlist=16, nprobe=16)), ('hnsw', dict(M=32, ef_search=512))])
+def test_approximate_search_matches_brute_force_in_every_score_mode(kind, params):
+    """IVF probing every list is exact, HNSW at a wide ef_search near exact, for max, zscore and csls alike (the candidate
+    widening of the hubness-reduced scores included), against the scores computed by hand over every cell"""
+    cells, queries, _, ref = planted_hub(G=200)
+    G = len(cells)
+    idx = SearchIndex(32, GRIDS, 128, kind, **params).train(cells).add(cells, list(range(G)), [f'{i}.jpg' for i in range(G)],
+                                                                      [(128, 128)] * G)
+    idx.set_reference(ref)
+    img = torch.einsum('gcd,qd->qgc', cells, queries).amax(-1)               # (Q, G) the paper's image score
+    for mode in ('max', 'zscore', 'csls'):
+        want = (img if mode == 'max' else adjust_scores(img, idx.ref_stats, mode)).topk(10)
+        s, r, _ = idx.search_vectors(queries, 10, score=mode)
+        if kind == 'ivf':
+            np.testing.assert_array_equal(r, want.indices.numpy(), err_msg=mode)
+            np.testing.assert_allclose(s, want.values.numpy(), atol=1e-4, err_msg=mode)
+        else:
+            recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(r.tolist(), want.indices.tolist())])
+            assert recall >= 0.95, (mode, recall)
