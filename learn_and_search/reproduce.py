@@ -140,6 +140,7 @@ class Step:
     outputs:list = field(default_factory=list) # files the run must write
     after:list = field(default_factory=list)   # names of the steps it reads from
     function:object = None                     # the library function the notebook calls: 'module:name' or a callable
+    resumable:bool = False                     # an interrupted run continues from its outputs (training: last.pt)
 
 def paper_notebooks()->Path:
     "Folder of the parameterized paper notebooks (`nbs/paper` of the repository)"
@@ -169,7 +170,8 @@ def build_grid(scale:str='smoke', models=MODELS, data:str|None=None, train_data:
         steps.append(Step(f'train-{m}', nbs/'train.ipynb',
                           {**s['train'], 'data': train_data, 'preset': m, 'steps': n_steps,
                            **({'snapshot_every': every} if every else {}), **(train_extra or {}), **common, 'out': str(tr_out)},
-                          [ckpt, str(tr_out/'metrics.jsonl'), str(tr_out/'config.json')], function=_FN + 'train_step'))
+                          [ckpt, str(tr_out/'metrics.jsonl'), str(tr_out/'config.json')], function=_FN + 'train_step',
+                          resumable=True))   # interrupted (Ctrl-C, SIGTERM, a lost machine): the rerun resumes last.pt
         steps.append(Step(f'evaluate-{m}', nbs/'evaluate.ipynb',
                           {'checkpoint': ckpt, **s['evaluate'], 'baselines': s['evaluate']['baselines'] and i == 0,
                            'data': data, **geometry, 'n_examples': s['figures']['n_examples'],
@@ -301,7 +303,11 @@ def run_step(step:Step, run_dir, h:str, kernel:str|None=None, cwd=None, runner:s
     run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
     ext = 'ipynb' if runner == 'papermill' else 'log'
     (run_dir/f'{step.name}.json').unlink(missing_ok=True)   # no record until this run has finished
-    for o in step.outputs: Path(o).unlink(missing_ok=True)  # stale outputs must not pass for this run's
+    started = run_dir/f'{step.name}.started'                # the hash of an attempt that did not finish
+    resume = step.resumable and started.is_file() and started.read_text() == h
+    if not resume:
+        for o in step.outputs: Path(o).unlink(missing_ok=True)  # stale outputs must not pass for this run's
+    atomic_write(started, h)
     if not Path(step.notebook).exists(): raise StepFailed(step, FileNotFoundError(f"notebook {step.notebook} does not exist"))
     t0 = time.perf_counter()
     running = _execute_papermill(step, run_dir, kernel, cwd) if runner == 'papermill' else _execute_python(step, run_dir, echo)
@@ -312,7 +318,7 @@ def run_step(step:Step, run_dir, h:str, kernel:str|None=None, cwd=None, runner:s
         os.replace(running, failed)
         raise StepFailed(step, FileNotFoundError(f"the step finished but did not write {', '.join(missing)}"), failed)
     os.replace(running, run_dir/f'{step.name}.{ext}')
-    failed.unlink(missing_ok=True)
+    failed.unlink(missing_ok=True); started.unlink()
     atomic_write_json(run_dir/f'{step.name}.json', dict(
         step=step.name, notebook=str(step.notebook), parameters=step.parameters, hash=h, after=step.after,
         outputs=step.outputs, elapsed_s=round(elapsed, 2), finished=datetime.now(timezone.utc).isoformat(timespec='seconds'),
@@ -348,6 +354,7 @@ def train_step(data='synthetic', split='train2017', preset='model1', arch='resne
     import tempfile
     from learn_and_search.train import TrainConfig, train
     out = out or tempfile.mkdtemp(prefix='las-train-')
+    extra.setdefault('resume_if_exists', True)   # a grid step rerun after an interruption continues its last.pt
     config = TrainConfig.from_dict(dict(data=data, split=split, preset=preset, arch=arch, dim=dim, image_size=image_size,
                                         query_size=query_size, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr,
                                         workers=workers, limit_images=limit_images, cache=cache, seed=seed, device=device,

@@ -80,6 +80,41 @@ def test_python_runner_failure_and_resume(tmp_path):
     # a step finished by one runner is up to date for the other
     assert run_grid(steps((1, 2, 3)), runs, log=lambda m: None) == dict(a='skipped', b='skipped', c='skipped')
 
+def _count_to(n, out):
+    "Append lines to `out` until it holds `n`, noting where each call started; Ctrl-C after the second line, once"
+    p = Path(out); lines = p.read_text().split() if p.exists() else []
+    with open(out + '.calls', 'a') as f: f.write(f'{len(lines)} ')
+    while len(lines) < n:
+        lines.append(str(len(lines))); p.write_text(' '.join(lines))
+        if len(lines) == 2 and not Path(out + '.cut').exists(): Path(out + '.cut').touch(); raise KeyboardInterrupt
+
+@pytest.mark.parametrize('resumable', [True, False])
+def test_an_interrupted_resumable_step_continues_and_others_start_over(tmp_path, resumable):
+    """Ctrl-C (or SIGTERM, raised as a KeyboardInterrupt) in a step: a training step continues from its outputs on the rerun
+    of the same parameters, any other step (or a changed one) starts over"""
+    nb = write_notebook(tmp_path/'w.ipynb', "pass", parameters="n = 1\nout = 'o.txt'")
+    out = str(tmp_path/'t.txt')
+    step = lambda n: [Step('t', nb, {'n': n, 'out': out}, [out], function=_count_to, resumable=resumable)]
+    runs = tmp_path/'runs'
+    with pytest.raises(KeyboardInterrupt): run_grid(step(4), runs, runner='python', log=lambda m: None)
+    assert Path(out).read_text() == '0 1' and not (runs/'t.json').exists() and (runs/'t.started').exists()
+    assert run_grid(step(4), runs, runner='python', log=lambda m: None) == dict(t='ran')
+    assert Path(out).read_text() == '0 1 2 3' and not (runs/'t.started').exists()
+    assert Path(out + '.calls').read_text().split() == (['0', '2'] if resumable else ['0', '0'])
+    assert run_grid(step(5), runs, runner='python', log=lambda m: None) == dict(t='ran')   # changed: from scratch
+    assert Path(out + '.calls').read_text().split()[-1] == '0' and Path(out).read_text() == '0 1 2 3 4'
+
+def test_grid_training_steps_are_resumable(tmp_path):
+    "Every train step of a grid resumes; train_step continues an out folder's last.pt (resume_if_exists)"
+    steps = build_grid('smoke', tiny=True, runs=tmp_path/'runs', figures=tmp_path/'fig')
+    assert {s.name: s.resumable for s in steps} == {s.name: s.name.startswith('train-') for s in steps}
+    from learn_and_search.reproduce import train_step
+    out = tmp_path/'tr'
+    first = train_step(dim=32, steps=2, out=str(out))
+    again = train_step(dim=32, steps=3, out=str(out))             # resumed: one more step, not three
+    assert (first['step'], again['step']) == (2, 3)
+    assert [json.loads(l)['step'] for l in (out/'metrics.jsonl').read_text().splitlines()] == [1, 2, 3]
+
 def test_missing_output_or_parameter_is_a_failure(tmp_path):
     nb = write_notebook(tmp_path/'w.ipynb', "pass", parameters="x = 1\nout = 'o.txt'")
     with pytest.raises(StepFailed, match='did not write'):
