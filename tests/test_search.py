@@ -479,3 +479,23 @@ def test_approximate_search_matches_brute_force_in_every_score_mode(kind, params
         else:
             recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(r.tolist(), want.indices.tolist())])
             assert recall >= 0.95, (mode, recall)
+
+
+@pytest.mark.parametrize('sig, rc, word', [(signal.SIGTERM, 143, 'terminated'), (signal.SIGINT, 130, 'interrupted')])
+def test_a_signal_during_build_stops_it_cleanly(tmp_path, sig, rc, word):
+    "SIGTERM or Ctrl-C while embedding: stops within seconds, one line, exit 143 / 130, no index or partial folder left"
+    out = tmp_path / 'idx'
+    cmd = [sys.executable, '-m', 'learn_and_search.search_cli', 'build', '--images', 'synthetic', '--split', 'train2017',
+           '--random-init', '--preset', 'model1', '--dim', '32', '--image-size', '256', '--batch-size', '2', '--reference', '0',
+           '--no-progress', '--out', str(out)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    deadline = time.time() + 120
+    while not (tmp_path / '.idx.lock').exists():                         # the lock is taken once the work begins
+        assert p.poll() is None and time.time() < deadline, p.communicate()
+        time.sleep(0.05)
+    time.sleep(1.0)
+    t0 = time.time(); p.send_signal(sig)
+    so, err = p.communicate(timeout=30)
+    assert p.returncode == rc and time.time() - t0 < 10, (p.returncode, err)
+    assert so == '' and err.strip().splitlines() == [f'las-search: {word}'], err
+    assert not out.exists() and not [q for q in tmp_path.iterdir() if q.name.endswith('.tmp')]
