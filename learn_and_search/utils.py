@@ -44,6 +44,10 @@ def atomic_path(path,               # final file
             with open(tmp, 'rb+') as f: os.fsync(f.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None: raise OSError(e.errno, e.strerror or str(e), str(path)) from e   # ENOSPC names no file
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
