@@ -12,10 +12,10 @@ from .utils import RunLock, atomic_path, atomic_write, atomic_write_json, resolv
 
 # %% auto #0
 __all__ = ['MODELS', 'MINI_PAIRS', 'MINI_K', 'SCALES', 'PRESETS', 'RUNNERS', 'ARCHIVE_LIMIT', 'OPTIONAL', 'check_scale',
-           'model_steps', 'snapshot_every', 'resolve_data', 'Step', 'paper_notebooks', 'build_grid', 'canonical_json',
-           'notebook_hash', 'step_hash', 'read_record', 'is_done', 'StepFailed', 'step_function', 'run_step',
-           'run_grid', 'train_step', 'evaluate_step', 'figures_step', 'pack_run', 'unpack_run', 'write_figures_index',
-           'main']
+           'model_steps', 'snapshot_every', 'resolve_data', 'Step', 'paper_notebooks', 'command_line', 'build_grid',
+           'canonical_json', 'notebook_hash', 'step_hash', 'read_record', 'is_done', 'StepFailed', 'step_function',
+           'run_step', 'run_grid', 'train_step', 'evaluate_step', 'figures_step', 'pack_run', 'unpack_run',
+           'write_figures_index', 'main']
 
 # %% ../nbs/08_reproduce.ipynb #f760b4a4
 MODELS = ('model1', 'model2', 'model3', 'model4', 'robust')   # the paper's four training presets and the robust one
@@ -149,6 +149,11 @@ def paper_notebooks()->Path:
 # %% ../nbs/08_reproduce.ipynb #71f7799c
 _FN = 'learn_and_search.reproduce:'
 
+def command_line(scale:str, models=MODELS, pairs:int|None=None)->str:
+    "The `las-reproduce` command that runs `scale` for `models` with `pairs`, as a README names it"
+    return ' '.join(['las-reproduce', '--scale', scale, *(['--models', ','.join(models)] if list(models) != list(MODELS) else []),
+                     *(['--pairs', str(pairs)] if pairs else [])])
+
 def build_grid(scale:str='smoke', models=MODELS, data:str|None=None, train_data:str|None=None,
                device:str|None=None, seed:int|None=None, runs='runs', figures='figures',
                notebooks=None, tiny:bool=False, pairs:int|None=None, train_extra:dict|None=None)->list:
@@ -184,7 +189,7 @@ def build_grid(scale:str='smoke', models=MODELS, data:str|None=None, train_data:
     fig_out = Path(figures)/scale
     steps.append(Step('figures', nbs/'figures.ipynb', {'runs': str(run_dir), 'models': list(models), 'grid': scale,
                       'data': data, 'split': s['evaluate']['split'], **geometry, 'k': s['figures']['k'],
-                      'seed': common['seed'], 'out': str(fig_out)},
+                      'seed': common['seed'], 'command': command_line(scale, models, pairs), 'out': str(fig_out)},
                       [str(fig_out/'README.md')], [st.name for st in steps], function=_FN + 'figures_step'))
     return steps
 
@@ -419,7 +424,7 @@ def evaluate_step(checkpoint=None, data='synthetic', split='val2017', image_size
 
 # %% ../nbs/08_reproduce.ipynb #6dd1bfed
 def figures_step(runs=None, models=('model1',), grid='standalone', data='synthetic', split='val2017', image_size=64,
-                 query_size=32, k=5, seed=0, device='cpu', out=None)->Path:
+                 query_size=32, k=5, seed=0, device='cpu', command=None, out=None)->Path:
     "Tables, figures and README of a run folder (the work of `nbs/paper/figures.ipynb`); returns the README's path"
     import tempfile
     import learn_and_search.figures as F
@@ -434,7 +439,7 @@ def figures_step(runs=None, models=('model1',), grid='standalone', data='synthet
     run = F.read_run(runs, models)
     scale = SCALES.get(grid)
     about = scale['about'] if scale else 'a standalone run of nbs/paper/figures.ipynb'
-    command = f"`las-reproduce --scale {grid}`" if scale else '`nbs/paper/figures.ipynb` with its defaults'
+    command = f'`{command}`' if command else f"`las-reproduce --scale {grid}`" if scale else '`nbs/paper/figures.ipynb` with its defaults'
     return F.render_run(run, out, grid, about, command, data, split, seed, k, paper_scale=grid == "paper",
                         targets=scale.get('targets') if scale else None)
 

@@ -108,6 +108,9 @@ def test_grid_training_steps_are_resumable(tmp_path):
     "Every train step of a grid resumes; train_step continues an out folder's last.pt (resume_if_exists)"
     steps = build_grid('smoke', tiny=True, runs=tmp_path/'runs', figures=tmp_path/'fig')
     assert {s.name: s.resumable for s in steps} == {s.name: s.name.startswith('train-') for s in steps}
+    assert steps[-1].parameters['command'] == 'las-reproduce --scale smoke'           # what the README names
+    assert build_grid('mini', ['model4'], pairs=5000, runs=tmp_path/'r', figures=tmp_path/'f')[-1].parameters['command'] \
+        == 'las-reproduce --scale mini --models model4 --pairs 5000'
     from learn_and_search.reproduce import train_step
     out = tmp_path/'tr'
     first = train_step(dim=32, steps=2, out=str(out))
