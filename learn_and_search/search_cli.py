@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
-from .data import ImageReadError, check_image_size, load_image, open_checked, open_images
+from .data import ImageReadError, check_image_size, open_checked, open_images
 from .embed import as_image, check_box, embed_query
 from .hubness import SCORE_MODES
 from .index import DEFAULT_LEVELS, KINDS
@@ -183,7 +183,7 @@ def _query(a)->tuple:   # (the JSON-ready answer, a function drawing --grid or N
     score = a.score or index.default_score
     if score != 'max' and index.reference is None:
         raise ValueError(f"--score {score} needs reference statistics, which {a.index} lacks (rebuild it with --reference N) ")
-    image = load_image(a.image)
+    image = as_image(a.image)   # a file too small to use is named (not 'image tensor')
     check_box(box, image.shape[-1], image.shape[-2])
     if a.grid and Path(a.grid).is_dir(): raise ValueError(f"--grid {a.grid} is a folder: give the PNG file to write")
     if a.grid: Path(a.grid).parent.mkdir(parents=True, exist_ok=True)

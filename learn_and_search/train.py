@@ -233,9 +233,11 @@ def sample_query_boxes(n:int,                     # boxes to draw
     return torch.cat([u[:, 2:] * (image_size - wh), wh], 1)
 
 # %% ../nbs/05_train.ipynb #9af5f8bf
-def _skip_hint(e:Exception)->ValueError:
+def _skip_hint(e:Exception, skipping:bool)->ValueError:
+    "`e` as one line, with how to skip unreadable images unless that is already asked for"
     msg = ' '.join(str(e).split())
-    if 'skip-unreadable' not in msg and 'skip_unreadable' not in msg: msg += ' (pass --skip-unreadable to leave unreadable images out)'
+    if skipping: msg = msg.replace(f'; {_data.SKIP_HINT}', '')
+    elif 'skip-unreadable' not in msg and 'skip_unreadable' not in msg: msg += ' (pass --skip-unreadable to leave unreadable images out)'
     return ValueError(msg)
 
 def data_fingerprint(key:dict)->dict:
@@ -273,7 +275,7 @@ def open_scenes(config:TrainConfig, rank:int=0, world:int=1, device=torch.device
             n = len(images)
             scenes = LoaderScenes(images, config.image_size, per_rank, config.seed, rank, world, config.workers, device)
             scenes.data_fingerprint = fingerprint
-    except _data.ImageReadError as e: raise _skip_hint(e) from None
+    except _data.ImageReadError as e: raise _skip_hint(e, config.skip_unreadable) from None
     if scenes.steps_per_epoch == 0:
         raise ValueError(f"data {config.data!r} has {n} images, fewer than batch_size={config.batch_size}"
                          + (f" over {world} ranks" if world > 1 else ''))

@@ -499,3 +499,12 @@ def test_a_signal_during_build_stops_it_cleanly(tmp_path, sig, rc, word):
     assert p.returncode == rc and time.time() - t0 < 10, (p.returncode, err)
     assert so == '' and err.strip().splitlines() == [f'las-search: {word}'], err
     assert not out.exists() and not [q for q in tmp_path.iterdir() if q.name.endswith('.tmp')]
+
+
+def test_a_query_image_too_small_is_named(built, tmp_path):
+    "A 1x1 query image: one line naming the file (it said 'image tensor')"
+    from PIL import Image
+    out, _ = built
+    Image.new('RGB', (1, 1)).save(tmp_path / 'dot.png')
+    rc, so, err = run_cli_lines('query', '--index', out, '--image', tmp_path / 'dot.png', '--box', '0,0,1,1')
+    assert rc == 2 and so == '' and len(err) == 1 and f"{tmp_path / 'dot.png'}: image is 1x1 px, too small" in err[0], err

@@ -372,3 +372,16 @@ def test_resume_refuses_a_training_folder_that_changed(tmp_path, cache):
         code, err = cli(*base, '--steps', '4', '--out', tmp_path/'r', '--resume')
         assert_one_line_error(code, err, 'cannot resume from', 'the training data changed since it was written', '8 images')
         assert weights(tmp_path/'r')['step'] == 3
+
+
+def test_no_skip_hint_when_already_skipping(tmp_path):
+    "Every image unreadable under --skip-unreadable: one line, without advising the flag that was given"
+    data = tmp_path/'imgs'; data.mkdir()
+    for i in range(3): (data/f'{i}.jpg').write_bytes(b'not an image')
+    base = ['--data', data, '--image-size', '64', '--query-size', '32', '--batch-size', '2', '--dim', '32', '--steps', '1',
+            '--cache-dir', tmp_path/'cache']
+    code, err = cli(*base, '--out', tmp_path/'a')
+    assert_one_line_error(code, err, '0.jpg', '--skip-unreadable')
+    code, err = cli(*base, '--skip-unreadable', '--out', tmp_path/'b')
+    assert_one_line_error(code, err)
+    assert 'pass --skip-unreadable' not in err, err
