@@ -22,7 +22,8 @@ from .search import SearchIndex
 from .utils import atomic_path, resolve_device, run_cli, script_entry
 
 # %% auto #0
-__all__ = ['NUMERIC_FLAGS', 'plot_results', 'printable', 'save_figure', 'model_from_source', 'parse_args', 'parse_box', 'main']
+__all__ = ['NUMERIC_FLAGS', 'plot_results', 'printable', 'save_figure', 'model_from_source', 'parse_args', 'parse_box',
+           'attach_model', 'open_index', 'main']
 
 # %% ../nbs/07d_search_cli.ipynb #d6702c94
 def plot_results(crop:Tensor,        # uint8 (3, q, q) query crop
@@ -177,6 +178,21 @@ def parse_box(text:str)->list:
         return [float(v) for v in parts]
     except ValueError: raise ValueError(f"--box must be x,y,w,h (4 comma-separated numbers), got {text!r}") from None
 
+def attach_model(index:SearchIndex, checkpoint:str|None=None, device='cpu', where='the index'):
+    "Attach to `index` the model it was built with (its recorded source, or `checkpoint`), refused when the weights differ"
+    info = index.model_info
+    model = model_from_source(dict(checkpoint=checkpoint) if checkpoint else info.get('source', {}), device)
+    if info.get('fingerprint') and model_fingerprint(model) != info['fingerprint']:
+        raise ValueError(f"the model ({checkpoint or info.get('source')}) is not the one {where} was built with (fingerprints differ)")
+    index.model = model
+    return model
+
+def open_index(path, checkpoint:str|None=None, device='cpu')->SearchIndex:
+    "The `las-search build` folder `path` with its model attached (see `attach_model`)"
+    index = SearchIndex.load(path)
+    attach_model(index, checkpoint, device, path)
+    return index
+
 def _query(a)->tuple:   # (the JSON-ready answer, a function drawing --grid or None)
     box = parse_box(a.box)
     index = SearchIndex.load(a.index)
@@ -187,11 +203,7 @@ def _query(a)->tuple:   # (the JSON-ready answer, a function drawing --grid or N
     check_box(box, image.shape[-1], image.shape[-2])
     if a.grid and Path(a.grid).is_dir(): raise ValueError(f"--grid {a.grid} is a folder: give the PNG file to write")
     if a.grid: Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
-    info, device = index.model_info, resolve_device(a.device)
-    model = model_from_source(dict(checkpoint=a.checkpoint) if a.checkpoint else info.get('source', {}), device)
-    if info.get('fingerprint') and model_fingerprint(model) != info['fingerprint']:
-        raise ValueError(f"the model ({a.checkpoint or info.get('source')}) is not the one {a.index} was built with (fingerprints differ)")
-    index.model = model
+    model = attach_model(index, a.checkpoint, resolve_device(a.device), a.index)
     q, crop = embed_query(model, image, box, index.image_size, index.query_size)
     results = index.results(*index.search_vectors(q[None], a.k, a.rerank, score=score))[0]   # k clamped to the gallery there
     def draw():
