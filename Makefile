@@ -6,7 +6,7 @@ PRESET ?=
 SCALE  ?= $(if $(PRESET),$(PRESET),smoke)
 DATA   ?=
 
-.PHONY: install reproduce test export readme gpu-stage
+.PHONY: install browser reproduce test export readme gpu-stage
 
 install: $(VENV)/.installed
 
@@ -15,7 +15,15 @@ $(VENV)/.installed: settings.ini setup.py constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@$(MAKE) --no-print-directory browser
 	touch $@
+
+browser:  ## Debian's headless Chromium and its driver, for the browser test of las-app (tests/test_app.py)
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null) \
+	  || echo "make: could not install chromium: tests/test_app.py will be skipped"; \
+	else echo "make: chromium and chromedriver are absent and apt-get needs root: tests/test_app.py will be skipped"; fi
 
 reproduce: install  ## SCALE=smoke|mini|gpu|paper (PRESET= is the deprecated name of SCALE=)
 	$(if $(PRESET),@echo "make: PRESET= is deprecated: use SCALE=$(PRESET)" >&2,)

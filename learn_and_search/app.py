@@ -193,6 +193,7 @@ async function search() {
       f.lastChild.textContent = r.name.slice(0, 24) + ' ' + r.score.toFixed(3) + ' ' + r.level;
       f.onclick = () => locate(r, f); $('results').appendChild(f);
     }
+    document.body.dataset.query = JSON.stringify(d.query);   // what was asked, for the reader and the browser test
     status(d.results.length + ' results, ' + d.query.score + ' score: ' + d.ms + ' ms on the server, ' + Math.round(performance.now() - t0) + ' ms in all. Click a result for its heatmaps.');
   } catch (err) { status(err.message, true); }
 }

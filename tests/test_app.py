@@ -1,0 +1,111 @@
+"""`las-app` in a real browser: Debian's headless Chromium driven by selenium draws a box on the page, and the hits it
+shows must be `SearchIndex.search`'s for that box; bad inputs show one line in red. Skipped, with the reason, where
+Chromium, its driver or selenium is absent (`make install` installs them). Set LAS_SCREENSHOT=PATH to keep a screenshot,
+and LAS_APP_CHECKPOINT=CK LAS_APP_IMAGES=DIR [LAS_APP_SPLIT=val2017] to run it over real photos (the README's picture)."""
+import json, os, shutil, time
+from pathlib import Path
+import pytest
+
+selenium = pytest.importorskip('selenium', reason='selenium is not installed (make install adds it)')
+from selenium import webdriver
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+CHROMIUM, DRIVER = shutil.which('chromium'), shutil.which('chromedriver')
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not (CHROMIUM and DRIVER), reason='chromium and chromedriver are not installed (make install adds them)')]
+
+
+@pytest.fixture(scope='module')
+def served():
+    "The page over a tiny synthetic index, on a free loopback port"
+    from learn_and_search.app import LookupApp, serve_in_thread
+    from learn_and_search.data import open_images
+    from learn_and_search.models import random_init_model
+    from learn_and_search.search import SearchIndex
+    if os.environ.get('LAS_APP_CHECKPOINT'):   # the README's screenshot: a trained model over real photos
+        from learn_and_search.app import _index_for_images
+        index = _index_for_images(os.environ['LAS_APP_CHECKPOINT'], os.environ['LAS_APP_IMAGES'],
+                                  os.environ.get('LAS_APP_SPLIT', 'val2017'), 'cpu', progress=False)
+    else:
+        model = random_init_model(None, 0, preset='model1', dim=32, image_size=64)
+        index = SearchIndex.build(model, open_images('synthetic', 'val2017'), reference=8, progress=False)
+    app = LookupApp(index, k=6)
+    server = serve_in_thread(app)
+    yield app, server.url
+    server.shutdown(); server.server_close()
+
+
+@pytest.fixture(scope='module')
+def browser():
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu', '--window-size=1280,900'):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=DRIVER))
+    yield driver
+    driver.quit()
+
+
+def status(driver, wait_for:str|None=None, timeout=60):
+    "The status line's text (and whether it is an error), once it contains `wait_for`"
+    el = driver.find_element(By.ID, 'status')
+    if wait_for: WebDriverWait(driver, timeout).until(lambda d: wait_for in el.text)
+    return el.text, el.get_attribute('class') == 'err'
+
+
+def drag(driver, canvas, x0, y0, x1, y1):
+    "Drag on `canvas` from (x0, y0) to (x1, y1), in CSS pixels from its top-left corner"
+    w, h = canvas.size['width'], canvas.size['height']
+    ActionChains(driver).move_to_element_with_offset(canvas, x0 - w / 2, y0 - h / 2).click_and_hold() \
+        .move_by_offset(x1 - x0, y1 - y0).release().perform()
+
+
+def open_page(driver, url, source='g3'):
+    driver.get(url)
+    WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#thumbs img[data-source="{source}"]'))
+    driver.find_element(By.CSS_SELECTOR, f'#thumbs img[data-source="{source}"]').click()
+    status(driver, 'Draw a box')
+    return driver.find_element(By.ID, 'query')
+
+
+def test_a_drawn_box_shows_the_index_hits(served, browser, tmp_path):
+    app, url = served
+    t0 = time.time()
+    canvas = open_page(browser, url)
+    drag(browser, canvas, 60, 50, 200, 170)
+    text, err = status(browser, 'results,')
+    assert not err and '6 results' in text and 'ms on the server' in text, text
+    asked = json.loads(browser.find_element(By.TAG_NAME, 'body').get_attribute('data-query'))
+    shown = [f.get_attribute('data-source') for f in browser.find_elements(By.CSS_SELECTOR, '#results figure')]
+    want = app.index.search(app.index.paths[3], asked['box'], 6, score=asked['score'])
+    assert asked['source'] == 'g3' and shown == [f"g{app.index.paths.index(h['image'])}" for h in want]
+    captions = [f.text for f in browser.find_elements(By.CSS_SELECTOR, '#results figcaption')]
+    assert all(f"{h['score']:.3f}" in c and h['level'] in c for c, h in zip(captions, want)), captions
+    browser.find_elements(By.CSS_SELECTOR, '#results figure')[1].click()       # its heatmaps
+    status(browser, 'Heatmaps of')
+    assert len(browser.find_elements(By.CSS_SELECTOR, '#heat figure')) == len(app.index.levels)
+    browser.save_screenshot(os.environ.get('LAS_SCREENSHOT') or str(tmp_path/'page.png'))
+    print(f'browser test: {time.time() - t0:.1f} s')
+
+
+def test_bad_inputs_show_one_line_in_red(served, browser, tmp_path):
+    app, url = served
+    canvas = open_page(browser, url)
+    drag(browser, canvas, 100, 100, 106, 106)                                 # a box of 3 px of the image (shown at 2x)
+    text, err = status(browser, 'minimum')
+    assert err and 'under the 4 px minimum side' in text, text
+    (tmp_path/'garbage.jpg').write_bytes(b'not an image at all')
+    browser.find_element(By.ID, 'file').send_keys(str(tmp_path/'garbage.jpg'))
+    text, err = status(browser, 'cannot decode')
+    assert err and text.startswith('garbage.jpg: cannot decode image'), text
+    limit, app.max_upload_bytes = app.max_upload_bytes, 1000
+    try:
+        from PIL import Image
+        import numpy as np
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(tmp_path/'noise.png')
+        browser.find_element(By.ID, 'file').send_keys(str(tmp_path/'noise.png'))
+        text, err = status(browser, 'upload limit')
+        assert err and 'noise.png' in text, text
+    finally: app.max_upload_bytes = limit
