@@ -26,7 +26,7 @@ from .utils import atomic_write, atomic_write_json, resolve_device, run_cli, scr
 # %% auto #0
 __all__ = ['QUERY_PROTOCOLS', 'eval_query_params', 'eval_queries', 'LocalizationQueries', 'ObjectQueries', 'object_crops',
            'reference_crops', 'gallery_scores', 'PassConfig', 'MethodTally', 'BaselineTally', 'RunQueries', 'evaluate',
-           'select_image_score', 'main']
+           'select_image_score', 'EvalData', 'evaluation_data', 'record_evaluation_data', 'main']
 
 # %% ../nbs/06b_evaluate.ipynb #46dfdeb9
 QUERY_PROTOCOLS = ('standard', 'hard', 'both')
@@ -420,6 +420,42 @@ def _check_out(path)->Path:
     if not os.access(parent, os.W_OK | os.X_OK): raise ValueError(f"--out {path}: {parent} is not writable")
     return out
 
+# %% ../nbs/06b_evaluate.ipynb #evdata0cd
+@dataclass
+class EvalData:
+    "What an evaluation runs on: the gallery, the hubness reference images, and their record for metrics.json"
+    gallery: Gallery
+    reference: object|None                        # image set of the reference queries, or None
+    record: dict                                  # gallery exclusions and reference source
+
+def evaluation_data(config:dict|None,            # the evaluated model's config (its training `data` and `split`); None: untrained
+                    parts:list,                   # [(data, split)] of the gallery
+                    exclude_from:list=(),         # further (path, split or None) whose images leave the gallery
+                    exclude_training:bool=True,   # leave out the images `config` was trained on
+                    reference_data=None,          # images of the hubness reference queries (default: the training data)
+                    reference_split:str|None=None,  # their split (default: the training split, else train2017)
+                    n_reference:int=256,          # reference queries (0: no reference images opened)
+                    skip_unreadable:bool=False,   # leave unreadable gallery images out (counted) instead of failing
+                   )->EvalData:
+    "The gallery and reference images of an evaluation, chosen the same way for `las-eval` and `las-reproduce`"
+    config = config or {}
+    train_data, train_split = config.get('data'), config.get('split') or 'train2017'
+    exclude = list(exclude_from) + ([(train_data, train_split)] if train_data and exclude_training else [])
+    excluded, unnamed, sources = excluded_ids(exclude)
+    gallery = open_gallery(parts, excluded, skip_unreadable)
+    ref_data = reference_data or train_data or ('synthetic' if all(str(d) == 'synthetic' for d, _ in parts) else None)
+    ref_split = reference_split or (train_split if train_data and not reference_data else 'train2017')
+    reference = open_images(ref_data, ref_split) if ref_data and n_reference else None
+    record = dict(gallery=dict(excluded_from=sources, n_excluded_ids=len(excluded), n_unparsed_names=unnamed),
+                  reference=dict(data=ref_data and str(ref_data), split=ref_split if isinstance(reference, CocoImages) else None))
+    return EvalData(gallery, reference, record)
+
+def record_evaluation_data(metrics:dict, data:EvalData)->dict:
+    "`metrics` with the record of `data` (gallery exclusions, reference source and count) merged in"
+    metrics['gallery'].update(data.record['gallery'])
+    metrics['settings']['reference'] = dict(**data.record['reference'], n_queries=metrics['n_queries']['reference'])
+    return metrics
+
 # %% ../nbs/06b_evaluate.ipynb #82c8d8c1
 def _run(argv:list|None=None)->int:
     "las-eval without the error handling of `main`"
@@ -437,15 +473,10 @@ def _run(argv:list|None=None)->int:
         model, twin = random_init_model(config, a.seed), random_init_model(config, a.seed)   # two objects, equal weights
     image_size = a.image_size if a.image_size is not None else int(config.get('image_size') or 256)
     query_size = a.query_size if a.query_size is not None else int(config.get('query_size') or 64)
-    train_data, train_split = config.get('data'), config.get('split') or 'train2017'
-    exclude = list(a.exclude_ids_from)
-    if a.checkpoint and train_data and not a.no_exclude_training: exclude.append((train_data, train_split))
-    excluded, unnamed, sources = excluded_ids(exclude)
     parts = [(a.data, s) for s in a.split.split(',') if s] + list(a.gallery)
-    gallery = open_gallery(parts, excluded, a.skip_unreadable)
-    ref_data = a.reference_data or (train_data if a.checkpoint else None) or ('synthetic' if a.data == 'synthetic' else None)
-    ref_split = a.reference_split or (train_split if a.checkpoint and not a.reference_data else 'train2017')
-    reference = open_images(ref_data, ref_split) if ref_data and a.reference_queries else None
+    data = evaluation_data(config if a.checkpoint else None, parts, a.exclude_ids_from, not a.no_exclude_training,
+                           a.reference_data, a.reference_split, a.reference_queries, a.skip_unreadable)
+    gallery, reference = data.gallery, data.reference
     validation = open_gallery(a.validation, set(gallery.ids) - {None}, a.skip_unreadable) if a.validation else None
     if validation is not None and not len(validation): raise ValueError("--validation: every image is in the gallery")
     metrics = evaluate(model, gallery, image_size=image_size, query_size=query_size, queries=a.queries, seed=a.seed,
@@ -453,9 +484,7 @@ def _run(argv:list|None=None)->int:
                        queries_per_image=a.queries_per_image, batch_size=a.batch_size, reference=reference,
                        n_reference=a.reference_queries, n_boot=a.bootstrap, per_query=a.per_query, validation=validation,
                        progress=sys.stderr.isatty())
-    metrics['gallery'].update(excluded_from=sources, n_excluded_ids=len(excluded), n_unparsed_names=unnamed)
-    metrics['settings']['reference'] = dict(data=ref_data and str(ref_data), split=ref_split if isinstance(reference, CocoImages) else None,
-                                            n_queries=metrics['n_queries']['reference'])
+    record_evaluation_data(metrics, data)
     metrics['source'] = dict(checkpoint=a.checkpoint, random_init=a.random_init, config=config, data=str(a.data), split=a.split,
                              gallery=[f"{d}:{s}" for d, s in parts])
     rows = metrics.pop('per_query', None)

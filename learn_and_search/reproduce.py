@@ -373,10 +373,8 @@ def evaluate_step(checkpoint=None, data='synthetic', split='val2017', image_size
                   curve=False, shared_cache=None)->dict:
     "Evaluate one checkpoint with its random-init twin (the work of `nbs/paper/evaluate.ipynb`), and with `curve` the run's snapshots"
     import tempfile, torch
-    from learn_and_search.data import open_images
     from learn_and_search.models import load_model, random_init_model
-    from learn_and_search.evaluate import evaluate
-    from learn_and_search.gallery import open_gallery, training_ids
+    from learn_and_search.evaluate import evaluate, evaluation_data, record_evaluation_data
     from learn_and_search.eval_report import metrics_markdown, per_category_csv, per_query_csv
     from learn_and_search.utils import describe_machine, resolve_device
     import learn_and_search.figures as F
@@ -389,15 +387,14 @@ def evaluate_step(checkpoint=None, data='synthetic', split='val2017', image_size
     S, q = image_size or model.config['image_size'], query_size or model.config['query_size']
     twin = random_init_model(model.config, seed)
     # the gallery: the splits of `data` without the training images; hubness reference crops: the training images
-    train_data, train_split = model.config.get('data'), model.config.get('split') or 'train2017'
-    excluded = training_ids(train_data, train_split)[0] if train_data else set()
     parts = [(data, s) for s in str(split).split(',') if s]
-    gallery = open_gallery(parts, excluded)
-    reference = open_images(train_data, train_split) if train_data else None
+    chosen = evaluation_data(model.config, parts)   # as las-eval chooses them
+    gallery, reference = chosen.gallery, chosen.reference
     metrics = evaluate(model, gallery, image_size=S, query_size=q, queries=queries, seed=seed, random_init=twin,
                        baselines=baselines, device=dev, max_images=max_images, reference=reference, per_query=True,
                        shared_cache=shared_cache)   # the twin: evaluated once per grid (its tally read back after)
     rows = metrics.pop('per_query', None)   # per_query.csv, not metrics.json (see the eval contract)
+    record_evaluation_data(metrics, chosen)
     metrics['source'] = dict(checkpoint=str(checkpoint), config=model.config, data=str(data), split=split,
                              gallery=[f"{d}:{s}" for d, s in parts], machine=describe_machine(dev), torch=torch.__version__)
     metrics = json.loads(json.dumps(metrics, default=str))   # the form metrics.json holds: plain types, string keys

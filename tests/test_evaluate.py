@@ -261,3 +261,20 @@ def test_las_eval_coco(tmp_path):
     assert metrics['n_queries']['retrieval'] > 0 and metrics['map'] is not None
     assert metrics['baselines']['colour_histogram']['map'] is not None
     print(stdout)
+
+
+def test_las_eval_and_the_reproduce_step_report_the_same_numbers(tmp_path, capsys):
+    """One checkpoint, the same settings: `las-eval` and `las-reproduce`'s evaluate step choose the same gallery, exclusions
+    and reference images (`evaluate.evaluation_data`), so metrics.json holds the same numbers and the same record"""
+    from learn_and_search.evaluate import main
+    from learn_and_search.reproduce import evaluate_step, train_step
+    ck = train_step(dim=32, image_size=64, query_size=32, steps=2, out=str(tmp_path/'train'))['checkpoint']
+    evaluate_step(ck, 'synthetic', 'val2017', 64, 32, max_images=6, n_examples=1, n_queries=1, k=5, out=str(tmp_path/'step'))
+    assert main(['--checkpoint', ck, '--data', 'synthetic', '--split', 'val2017', '--max-images', '6',
+                 '--out', str(tmp_path/'cli')]) == 0
+    step, cli = (json.loads((tmp_path/d/'metrics.json').read_text()) for d in ('step', 'cli'))
+    for key in ('sga', 'sga_ci', 'sga_hard', 'riga', 'chance_sga', 'top_k_instance', 'map', 'gallery', 'gallery_size',
+                'n_queries', 'hubness', 'baselines'):
+        assert step[key] == cli[key], key
+    assert step['settings']['reference'] == cli['settings']['reference'] and step['settings']['reference']['n_queries'] > 0
+    assert step['gallery']['excluded_from'] == ['synthetic:train2017']
