@@ -30,7 +30,7 @@ SCALES = {
         evaluate=dict(data='synthetic', split='val2017', queries='both', baselines=True, max_images=None),
         figures=dict(n_examples=3, n_queries=4, k=10)),
     'mini': dict(
-        about='unlabeled photos for training, COCO val2017 + train2017 (a subset) for evaluation, about 75 minutes on 2 CPU cores',
+        about='unlabeled photos for training, COCO val2017 + train2017 (a subset) for evaluation, about 90 minutes on 2 CPU cores (AMD EPYC, fp32)',
         device='auto', seed=0, committed=True,
         pairs=MINI_PAIRS, share=dict(model1=0.1, model2=0.1, model3=0.1, model4=0.35, robust=0.35),
         curve=dict(models=('model4', 'robust'), points=5),
