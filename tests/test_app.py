@@ -1,7 +1,8 @@
 """`las-app` in a real browser: Debian's headless Chromium driven by selenium draws a box on the page, and the hits it
 shows must be `SearchIndex.search`'s for that box; bad inputs show one line in red. Skipped, with the reason, where
 Chromium, its driver or selenium is absent (`make install` installs them). Set LAS_SCREENSHOT=PATH to keep a screenshot,
-and LAS_APP_CHECKPOINT=CK LAS_APP_IMAGES=DIR [LAS_APP_SPLIT=val2017] to run it over real photos (the README's picture)."""
+and LAS_APP_CHECKPOINT=CK LAS_APP_IMAGES=DIR [LAS_APP_SPLIT=val2017 LAS_APP_SOURCE=g3 LAS_APP_DRAG=x0,y0,x1,y1] to run
+it over real photos (the README's picture)."""
 import json, os, shutil, time
 from pathlib import Path
 import pytest
@@ -41,7 +42,7 @@ def served():
 def browser():
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu', '--window-size=1280,900'):
+    for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu', '--window-size=1280,1250'):
         opts.add_argument(a)
     driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=DRIVER))
     yield driver
@@ -51,7 +52,7 @@ def browser():
 def status(driver, wait_for:str|None=None, timeout=60):
     "The status line's text (and whether it is an error), once it contains `wait_for`"
     el = driver.find_element(By.ID, 'status')
-    if wait_for: WebDriverWait(driver, timeout).until(lambda d: wait_for in el.text)
+    if wait_for: WebDriverWait(driver, timeout).until(lambda d: wait_for in el.text, f'no {wait_for!r} in the status line: {el.text!r}')
     return el.text, el.get_attribute('class') == 'err'
 
 
@@ -73,14 +74,16 @@ def open_page(driver, url, source='g3'):
 def test_a_drawn_box_shows_the_index_hits(served, browser, tmp_path):
     app, url = served
     t0 = time.time()
-    canvas = open_page(browser, url)
-    drag(browser, canvas, 60, 50, 200, 170)
+    source = os.environ.get('LAS_APP_SOURCE', 'g3')                            # the README's picture picks its object
+    x0, y0, x1, y1 = (float(v) for v in os.environ.get('LAS_APP_DRAG', '60,50,200,170').split(','))
+    canvas = open_page(browser, url, source)
+    drag(browser, canvas, x0, y0, x1, y1)
     text, err = status(browser, 'results,')
     assert not err and '6 results' in text and 'ms on the server' in text, text
     asked = json.loads(browser.find_element(By.TAG_NAME, 'body').get_attribute('data-query'))
     shown = [f.get_attribute('data-source') for f in browser.find_elements(By.CSS_SELECTOR, '#results figure')]
-    want = app.index.search(app.index.paths[3], asked['box'], 6, score=asked['score'])
-    assert asked['source'] == 'g3' and shown == [f"g{app.index.paths.index(h['image'])}" for h in want]
+    want = app.index.search(app.index.paths[int(source[1:])], asked['box'], 6, score=asked['score'])
+    assert asked['source'] == source and shown == [f"g{app.index.paths.index(h['image'])}" for h in want]
     captions = [f.text for f in browser.find_elements(By.CSS_SELECTOR, '#results figcaption')]
     assert all(f"{h['score']:.3f}" in c and h['level'] in c for c, h in zip(captions, want)), captions
     browser.find_elements(By.CSS_SELECTOR, '#results figure')[1].click()       # its heatmaps
