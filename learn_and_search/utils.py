@@ -190,16 +190,20 @@ def run_cli(prog:str,         # command name for messages, e.g. 'las-train'
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = '--debug' in argv
     if debug: argv = [a for a in argv if a != '--debug']
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is threading.main_thread() else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = (signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, _raise_terminated)) if main_thread else None
     try: return int(main(argv) or 0)
     except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM as `Terminated`: the same cleanups ran on the way here
+        if previous is not None:   # a second Ctrl-C while this one is reported would end in a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN)
         term = isinstance(e, Terminated)
         print(f"{prog}: {'terminated' if term else 'interrupted'}", file=sys.stderr); return 143 if term else 130
     except EXPECTED_ERRORS as e:
         if debug: raise
         print(f"{prog}: error: {error_line(e)}", file=sys.stderr); return 2
     finally:
-        if previous is not None: signal.signal(signal.SIGTERM, previous)
+        for sig, handler in zip((signal.SIGINT, signal.SIGTERM), previous or ()):
+            if handler is not None: signal.signal(sig, handler)   # None: not set from Python, left as it is
 
 def script_entry(module_name:str, main):
     "Exit with `main()`'s status when the module runs as `python -m ...` (never inside a notebook kernel)"

@@ -315,7 +315,7 @@ def test_every_numeric_flag_is_validated(built, tmp_path, capsys):
         err = capsys.readouterr()
         assert err.out == '' and err.err == f'las-search: error: {flag} must be >= {lo}, got {lo - 1}\n', (flag, err.err)
     for argv, msg in [(query + ['-k', 'many'], "argument -k: invalid int value: 'many'"),
-                      (build + ['--image-size', '100'], '--image-size must be a multiple of 32, got 100'),
+                      (build + ['--image-size', '100'], '--image-size=100: must be a multiple of 32 between 64 and 2048'),
                       (build + ['--reference', '1'], '--reference must be 0 (none) or >= 2 crops, got 1')]:
         assert main(argv) == 2
         assert capsys.readouterr().err == f'las-search: error: {msg}\n'
@@ -488,7 +488,9 @@ def test_a_signal_during_build_stops_it_cleanly(tmp_path, sig, rc, word):
     cmd = [sys.executable, '-m', 'learn_and_search.search_cli', 'build', '--images', 'synthetic', '--split', 'train2017',
            '--random-init', '--preset', 'model1', '--dim', '32', '--image-size', '256', '--batch-size', '2', '--reference', '0',
            '--no-progress', '--out', str(out)]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    # a shell's background job (nohup make test &) ignores SIGINT, and so would the child: give it Ctrl-C back
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (tmp_path / '.idx.lock').exists():                         # the lock is taken once the work begins
         assert p.poll() is None and time.time() < deadline, p.communicate()
