@@ -29,7 +29,7 @@ reproduce: install  ## SCALE=smoke|mini|gpu|paper (PRESET= is the deprecated nam
 	$(if $(PRESET),@echo "make: PRESET= is deprecated: use SCALE=$(PRESET)" >&2,)
 	$(VENV)/bin/las-reproduce --scale $(SCALE) $(if $(DATA),--data $(DATA),)
 
-test: install  ## every notebook and tests/: about 6 minutes on 2 idle CPU cores
+test: install  ## every notebook and tests/: about 22 minutes on 2 idle CPU cores (AMD EPYC)
 	$(PY) tests/run_all.py
 
 export: install

@@ -1,5 +1,5 @@
 """Run every test: the notebooks as `nbdev_test` runs them (its own `test_nb`, one result per notebook), then pytest on
-tests/ (counts read from its JUnit XML report); end with one `N passed, N failed` line. About 6 minutes on 2 idle cores (17 when busy)."""
+tests/ (counts read from its JUnit XML report); end with one `N passed, N failed` line. About 22 minutes on 2 idle AMD EPYC cores."""
 import os, subprocess, sys, tempfile, time
 import xml.etree.ElementTree as ET
 from pathlib import Path
