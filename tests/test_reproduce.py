@@ -109,7 +109,8 @@ def test_grid_training_steps_are_resumable(tmp_path):
     steps = build_grid('smoke', tiny=True, runs=tmp_path/'runs', figures=tmp_path/'fig')
     assert {s.name: s.resumable for s in steps} == {s.name: s.name.startswith('train-') for s in steps}
     assert steps[-1].parameters['command'] == 'las-reproduce --scale smoke'           # what the README names
-    assert build_grid('mini', ['model4'], pairs=5000, runs=tmp_path/'r', figures=tmp_path/'f')[-1].parameters['command'] \
+    assert build_grid('mini', ['model4'], data='synthetic', train_data='synthetic', pairs=5000, runs=tmp_path/'r',
+                      figures=tmp_path/'f')[-1].parameters['command'] \
         == 'las-reproduce --scale mini --models model4 --pairs 5000'
     from learn_and_search.reproduce import train_step
     out = tmp_path/'tr'
