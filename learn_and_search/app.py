@@ -42,11 +42,14 @@ class LookupApp:
 
     def info(self)->dict:
         "What the page needs to know about the index"
-        ix = self.index
-        modes = list(SCORE_MODES) if ix.reference is not None else ['max']
+        ix, modes = self.index, self.score_modes
         return dict(images=len(ix), kind=ix.kind, levels=list(ix.levels), image_size=ix.image_size, k=self.k, max_k=MAX_K,
                     score_modes=modes, default_score=ix.default_score, min_box=MIN_BOX_SIDE,
                     max_upload_mb=round(self.max_upload_bytes / 2**20, 1), model=ix.model_info.get('source'))
+
+    @property
+    def score_modes(self)->list:   # the hubness-reduced scores need the index's reference statistics
+        return list(SCORE_MODES) if self.index.reference is not None else ['max']
 
     def gallery(self, offset:int=0, limit:int=60)->dict:
         "A page of gallery images: source id, file name and size"
@@ -104,8 +107,8 @@ class LookupApp:
         k = self.k if k is None else int(k)
         if not 1 <= k <= MAX_K: raise ValueError(f"k must be in [1, {MAX_K}], got {k}")
         score = score or self.index.default_score
-        if score not in self.info()['score_modes']:
-            raise ValueError(f"score {score!r} is not available for this index (available: {', '.join(self.info()['score_modes'])})")
+        if score not in self.score_modes:
+            raise ValueError(f"score {score!r} is not available for this index (available: {', '.join(self.score_modes)})")
         hits = self.index.search(img, box, k, score=score)
         rows = [self.row_of[h['image']] for h in hits]
         results = [dict(source=f'g{i}', name=printable(Path(h['image']).name), image_id=h['image_id'], score=h['score'],
