@@ -4,13 +4,15 @@
 
 # %% ../nbs/02a_grid.ipynb #ae7e1432
 from __future__ import annotations
-import math
+import functools, math
+from typing import NamedTuple
+import numpy as np
 import torch
 from torch import Tensor
 
 # %% auto #0
 __all__ = ['STRIDES', 'cell_corners', 'cell_boxes', 'cell_centers', 'positive_cells', 'cells_hit', 'cells_in_boxes', 'box_hits',
-           'nominal_grids']
+           'nominal_grids', 'CellLayout', 'cell_layout', 'ImageScores', 'image_scores']
 
 # %% ../nbs/02a_grid.ipynb #cbde936b
 def _as_index(cells, device=None)->Tensor:
@@ -98,3 +100,96 @@ def nominal_grids(levels=tuple(STRIDES), # pyramid levels
     unknown = [l for l in levels if l not in STRIDES]
     if unknown: raise ValueError(f"unknown pyramid level(s) {unknown}; known: {', '.join(STRIDES)}")
     return {l: (math.ceil(image_size / STRIDES[l]),) * 2 for l in levels}
+
+# %% ../nbs/02a_grid.ipynb #d9a4b05c
+class CellLayout:
+    "Level, cell and box of each of the `N = sum(H*W)` cells of a scene's levels laid end to end"
+    def __init__(self,
+                 grids:dict,              # level -> (H, W) grid size, in layout order
+                 image_size:float,        # side S of the square scene, pixels
+                 device=None, dtype=torch.float32,   # of the tensors the loss uses (`corners`)
+                ):
+        self.grids = {str(l): (int(h), int(w)) for l, (h, w) in grids.items()}
+        if not self.grids or any(h < 1 or w < 1 for h, w in self.grids.values()):
+            raise ValueError(f"grids must map each level to a positive (H, W), got {grids!r}")
+        self.levels, self.sizes = tuple(self.grids), tuple(self.grids.values())
+        self.image_size = int(image_size) if float(image_size).is_integer() else float(image_size)
+        n = [h * w for h, w in self.sizes]
+        self.cells_per_image = sum(n)
+        hw = torch.tensor(self.sizes, device=device)                                    # (L, 2)
+        self.heights, self.widths = hw[:, :1], hw[:, 1:]                                # (L, 1) each
+        self.offsets = torch.tensor([0, *n], device=device).cumsum(0)                  # (L+1,) first cell of each level, then N
+        self.corners = torch.cat([cell_boxes(s, image_size, device, dtype) for s in self.sizes])   # (N, 4) x0, y0, x1, y1
+        m = torch.arange(max(n), device=device)                                         # (M,)
+        self.pad_valid = m < torch.tensor(n, device=device)[:, None]                   # (L, M): False on padding
+        self.pad_index = torch.where(self.pad_valid, self.offsets[:-1, None] + m, 0)   # (L, M) column of each level's m-th cell
+        self._offsets = self.offsets.cpu().numpy()
+
+    def level_of(self, cells)->np.ndarray:   # (N,) cell positions -> (N,) index into `levels`
+        "Index into `levels` of each of `cells`"
+        return np.searchsorted(self._offsets, np.asarray(cells), side='right') - 1
+
+    def boxes(self,
+              cells,             # (N,) cell positions in [0, cells_per_image)
+              width=None,        # (N,) or scalar: original image width; None = scene pixels
+              height=None,       # (N,) or scalar: original image height
+             )->np.ndarray:      # (N, 4) float64 xywh
+        "Boxes of `cells` in scene pixels or, given `width`/`height`, in the original image (stretched, not padded, into the scene)"
+        cells = np.asarray(cells, dtype=np.int64).reshape(-1)
+        lv = self.level_of(cells)
+        hw = torch.tensor(self.sizes, dtype=torch.long)[torch.from_numpy(lv)]           # (N, 2) grid of each cell's level
+        x0, y0, x1, y1 = cell_corners(torch.from_numpy(cells - self._offsets[lv]), (hw[:, 0], hw[:, 1]),
+                                      self.image_size, torch.float64).numpy().T         # (4, N) scene pixels
+        sx = 1.0 if width is None else np.asarray(width, dtype=np.float64) / self.image_size
+        sy = 1.0 if height is None else np.asarray(height, dtype=np.float64) / self.image_size
+        return np.stack([x0*sx, y0*sy, (x1 - x0)*sx, (y1 - y0)*sy], -1)
+
+    def __repr__(self): return f"CellLayout({self.grids}, image_size={self.image_size})"
+
+@functools.lru_cache(maxsize=64)
+def _cell_layout(grids:tuple, image_size:float, device:str, dtype:torch.dtype)->CellLayout:
+    return CellLayout(dict(grids), image_size, device, dtype)
+
+def cell_layout(grids:dict,          # level -> (H, W) grid size
+                image_size:float,    # side S of the square scenes
+                device=None, dtype=torch.float32,
+               )->CellLayout:        # cached: the same object for the same arguments (do not modify its tensors)
+    "The `CellLayout` of `grids` over an `image_size` scene, built once per shape, device and dtype"
+    items = tuple((str(l), (int(h), int(w))) for l, (h, w) in grids.items())
+    return _cell_layout(items, float(image_size), str(torch.device(device or 'cpu')), dtype)
+
+# %% ../nbs/02a_grid.ipynb #2a00754e
+class ImageScores(NamedTuple):
+    "Each image's best cell for each query"
+    score: Tensor          # (Q, G) best cell similarity
+    level: Tensor|None     # (Q, G) long: index of the best cell's level (None unless `where`)
+    cell: Tensor|None      # (Q, G) long: the best cell's flat index within its level (for (G, C, D) cells: its position)
+
+def image_scores(query:Tensor,     # (Q, D) L2-normalized query embeddings
+                 grids,            # level -> (G, D, H, W) L2-normalized cell embeddings, or (G, C, D) cells end to end
+                 chunk:int=512,    # queries per product: memory is bounded by chunk * G * H * W
+                 where:bool=False, # also return the level and cell of each best cell
+                )->ImageScores:
+    "The paper's image score: each of G images scored by its most similar cell over all levels"
+    levels = list(grids.values()) if isinstance(grids, dict) else [grids]
+    G, parts = levels[0].shape[0], []
+    for q in query.split(chunk):
+        best = level = cell = None
+        for j, g in enumerate(levels):
+            sims = (torch.einsum('qd,gdn->qgn', q, g.flatten(2)) if g.dim() == 4     # (G, D, H, W) -> (G, D, H*W)
+                    else torch.einsum('qd,gcd->qgc', q, g))                           # (q, G, N): one matrix product
+            if not where:
+                s = sims.amax(-1)                                                     # (q, G)
+                best = s if best is None else torch.maximum(best, s)
+                continue
+            s, c = sims.max(-1)                                                       # (q, G) best cell of level j
+            if best is None: best, level, cell = s, torch.zeros_like(c), c
+            else:
+                better = s > best                                                     # a tie keeps the earlier level
+                best, level, cell = torch.where(better, s, best), torch.where(better, j, level), torch.where(better, c, cell)
+        parts.append((best, level, cell))
+    if not parts:
+        empty = query.new_zeros(0, G)
+        return ImageScores(empty, empty.long() if where else None, empty.long() if where else None)
+    cat = lambda i: torch.cat([p[i] for p in parts]) if where else None
+    return ImageScores(torch.cat([p[0] for p in parts]), cat(1), cat(2))

@@ -4,16 +4,15 @@
 
 # %% ../nbs/03_loss.ipynb #5e46090a
 from __future__ import annotations
-import functools, math
+import math
 from typing import NamedTuple
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
 from torch import Tensor
-from .grid import cell_boxes, cells_hit, cells_in_boxes, positive_cells
+from .grid import CellLayout, cell_layout, cells_hit, cells_in_boxes, positive_cells
 
 # %% auto #0
-__all__ = ['MIN_TEMPERATURE', 'LossOutput', 'LevelLayout', 'level_layout', 'anchor_masks', 'ant_xent_logits', 'AntXentLoss',
-           'ant_xent_reference']
+__all__ = ['MIN_TEMPERATURE', 'LossOutput', 'anchor_masks', 'ant_xent_logits', 'AntXentLoss', 'ant_xent_reference']
 
 # %% ../nbs/03_loss.ipynb #dfd344e3
 MIN_TEMPERATURE = 1e-4
@@ -31,41 +30,12 @@ def _check_temperature(t):
     return float(t)
 
 # %% ../nbs/03_loss.ipynb #c89c3bbc
-class LevelLayout(NamedTuple):
-    "Where each level's cells sit among the `N = sum(H*W)` concatenated cells, and their corners"
-    sizes:tuple        # ((H, W), ...) one per level, in order
-    heights:Tensor     # (L, 1) long H of each level
-    widths:Tensor      # (L, 1) long W of each level
-    offsets:Tensor     # (L,) long: column of each level's first cell
-    corners:Tensor     # (N, 4) x0, y0, x1, y1 of every cell in scene pixels, levels concatenated
-    pad_index:Tensor   # (L, M) long: column of the m-th cell of level l (M = largest H*W; 0 on padding)
-    pad_valid:Tensor   # (L, M) bool: False on padding
-
-@functools.lru_cache(maxsize=64)
-def _level_layout(sizes:tuple, image_size:float, device:str, dtype:torch.dtype)->LevelLayout:
-    n = [H * W for H, W in sizes]
-    hw = torch.tensor(sizes, device=device)                                              # (L, 2)
-    offsets = torch.tensor([0, *n[:-1]], device=device).cumsum(0)                       # (L,)
-    corners = torch.cat([cell_boxes(s, image_size, device, dtype) for s in sizes])      # L x (H*W, 4) -> (N, 4)
-    m = torch.arange(max(n), device=device)                                              # (M,)
-    pad_valid = m < torch.tensor(n, device=device)[:, None]                              # (L, M)
-    pad_index = torch.where(pad_valid, offsets[:, None] + m, 0)                          # (L, M)
-    return LevelLayout(sizes, hw[:, :1], hw[:, 1:], offsets, corners, pad_index, pad_valid)
-
-def level_layout(sizes,            # ((H, W), ...) grid size of each level
-                 image_size:float, # side S of the square scenes
-                 device=None, dtype=torch.float32,
-                )->LevelLayout:    # cached: the same object for the same arguments (do not modify its tensors)
-    "The `LevelLayout` of levels of `sizes` over an `image_size` scene"
-    sizes = tuple((int(H), int(W)) for H, W in sizes)
-    return _level_layout(sizes, float(image_size), str(torch.device(device or 'cpu')), dtype)
-
 def anchor_masks(boxes:Tensor,        # (B, 4) xywh crop boxes in scene pixels
-                 layout:LevelLayout,  # from `level_layout`
+                 layout:CellLayout,   # from `grid.cell_layout`
                  image_size:float,    # S
                 )->tuple:             # pos (B, L) long column of each positive; ok (B, N) bool anchor negatives
     "Each query's positive cell on every level, and which cells are its anchor negatives"
-    pos = positive_cells(boxes, (layout.heights, layout.widths), image_size).T + layout.offsets   # (L, B) -> (B, L)
+    pos = positive_cells(boxes, (layout.heights, layout.widths), image_size).T + layout.offsets[:-1]   # (L, B) -> (B, L)
     ok = ~cells_hit(layout.corners, boxes[:, None])                      # (N, 4) x (B, 1, 4) -> (B, N): centre outside
     return pos, ok.scatter_(1, pos, False)                               # the positive is never a negative
 
@@ -79,7 +49,7 @@ def ant_xent_logits(q:Tensor,          # (B, D) unit query embeddings, scene-maj
                     cells:Tensor,      # (B_s, D, N) cell embeddings of every level, concatenated (any norm); K = B / B_s
                     pos:Tensor,        # (B, L) long: column of each query's positive on each level
                     anchor_ok:Tensor,  # (B, N) bool: the anchor negatives
-                    layout:LevelLayout,
+                    layout:CellLayout,
                     target:Tensor,     # (B,) long: column of each query's own positive among the (gathered) positives
                     inter_image:bool=True,   # the positives of other scenes' queries are negatives
                     gather:bool=False,       # gather the positives from every rank
@@ -117,7 +87,7 @@ def _diagnostics(sims:Tensor, ok:Tensor, target:Tensor)->tuple:   # (B, L, C), (
     neg_n = ok.sum((0, 2)) - len(sims)                                   # (L,)
     return pos.mean(), (neg_sum / neg_n.clamp_min(1)).mean()             # mean over levels of each level's mean
 
-def _ant_xent(query:Tensor, grids:tuple, boxes:Tensor, image_size:float, layout:LevelLayout, target:Tensor,
+def _ant_xent(query:Tensor, grids:tuple, boxes:Tensor, image_size:float, layout:CellLayout, target:Tensor,
               temperature:float, inter_image:bool, gather:bool, anchor_negatives:int|None, scores:Tensor|None,
              )->tuple:   # per-level losses (L,), avg_pos, avg_neg (detached scalars)
     "The loss from checked inputs (query (B, D), grids: L x (B_s, D, H, W)); autocast off; the part `torch.compile` may fuse"
@@ -173,7 +143,7 @@ class AntXentLoss(nn.Module):
         self._check(query, grids, boxes)
         rank, gather = self._rank_world()
         B, dev = len(query), query.device
-        layout = level_layout([g.shape[-2:] for g in grids.values()], image_size, dev, torch.promote_types(query.dtype, torch.float32))
+        layout = cell_layout({k: g.shape[-2:] for k, g in grids.items()}, image_size, dev, torch.promote_types(query.dtype, torch.float32))
         scores = None
         if self.anchor_negatives is not None:                            # one random score per query, level and cell
             shape = (B, *layout.pad_index.shape)                         # (B, L, M)
