@@ -4,228 +4,66 @@
 
 # %% ../nbs/06b_evaluate.ipynb #33ddcef4
 from __future__ import annotations
-import argparse, hashlib, os, sys, time
-from dataclasses import dataclass, field
+import argparse, hashlib, json, os, sys, time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
-from .augment import JITTER, color_jitter, crop_queries, hard_queries, hard_query_params
-from .baselines import imagenet_features, template_matching_hits, template_sizes, tile_histograms, to_uint8
-from .data import MAX_IMAGE_SIZE, CocoImages, check_image_size, open_images, random_crop_queries, resize_square
+from .baselines import imagenet_features
+from .data import MAX_IMAGE_SIZE, CocoImages, check_image_size, open_images
 from .eval_cache import read_tally, tally_key, write_tally
+from .eval_pass import (
+    QUERY_PROTOCOLS, LocalizationQueries, MethodTally, PassConfig, RunQueries, eval_query_params, evaluation_pass,
+    object_crops, reference_crops)
 from .eval_report import (
     RunInfo, assemble_metrics, metrics_markdown, per_category_csv, per_query_csv, per_query_rows)
-from .gallery import Gallery, excluded_ids, open_gallery, reference_images
+from .gallery import Gallery, excluded_ids, open_gallery
 from .hubness import reference_stats, select_score_mode
 from .loss import AntXentLoss
-from .metrics import MAX_BOOTSTRAP, best_cells, relevance, sga_hits
+from .metrics import MAX_BOOTSTRAP, relevance
 from .models import load_model, model_fingerprint, random_init_model
-from .utils import atomic_write, atomic_write_json, resolve_device, run_cli, script_entry
+from .utils import atomic_write, atomic_write_json, describe_machine, resolve_device, run_cli, script_entry
 
 # %% auto #0
-__all__ = ['QUERY_PROTOCOLS', 'eval_query_params', 'eval_queries', 'LocalizationQueries', 'ObjectQueries', 'object_crops',
-           'reference_crops', 'gallery_scores', 'PassConfig', 'MethodTally', 'BaselineTally', 'RunQueries', 'evaluate',
-           'select_image_score', 'EvalData', 'evaluation_data', 'record_evaluation_data', 'main']
-
-# %% ../nbs/06b_evaluate.ipynb #46dfdeb9
-QUERY_PROTOCOLS = ('standard', 'hard', 'both')
-
-def eval_query_params(n:int, seed:int=0)->dict:   # number of queries; seed of the protocol's generator
-    "Colour-jitter factors and hard-query rotation/zoom/blur for `n` evaluation queries (CPU tensors)"
-    g = torch.Generator().manual_seed(seed)
-    b, c, s, h = JITTER
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=g)
-    jitter = dict(brightness=u(1 - b, 1 + b), contrast=u(1 - c, 1 + c), saturation=u(1 - s, 1 + s), hue=u(-h, h))
-    return {**jitter, **hard_query_params(n, g)}
-
-def eval_queries(scenes:Tensor,   # (B, 3, S, S) float in [0, 1], one scene per query
-                 boxes:Tensor,    # (B, 4) xywh query boxes
-                 params:dict,     # from `eval_query_params`, rows of these queries
-                 size:int=64,     # query side q
-                 hard:bool=False, # rotation, zoom and blur (`augment.hard_queries`)
-                )->Tensor:        # (B, 3, q, q) float in [0, 1]
-    "Standard (crop + colour jitter) or hard (`augment.hard_queries`: rotated, zoomed crop + colour jitter + blur) queries"
-    dev = scenes.device
-    p = {k: v.to(dev) for k, v in params.items()}
-    if hard: return hard_queries(scenes, boxes.to(dev), size, params=p)     # crop, jitter, blur, as `augment` defines them
-    return color_jitter(crop_queries(scenes, boxes.to(dev), size), p['brightness'], p['contrast'], p['saturation'], p['hue'])
-
-# %% ../nbs/06b_evaluate.ipynb #46eacbfb
-@dataclass
-class LocalizationQueries:
-    "The SGA queries of a run: seeded random boxes on the gallery images and their augmentation parameters"
-    index: Tensor      # (N,) gallery index of each query's scene, ascending
-    boxes: Tensor      # (N, 4) xywh in scene pixels
-    params: dict       # `eval_query_params` of each query
-    per_image: int     # queries per image
-
-    @classmethod
-    def draw(cls, n_images:int, image_size:int, per_image:int, crop_frac:tuple, seed:int)->'LocalizationQueries':
-        "`per_image` boxes on each of `n_images` scenes, everything from `seed`"
-        q = random_crop_queries(range(n_images), image_size, per_image, crop_frac, seed)
-        return cls(torch.tensor([int(x['index']) for x in q], dtype=torch.long),
-                   torch.stack([torch.as_tensor(x['box']).float() for x in q]).reshape(-1, 4),
-                   eval_query_params(len(q), seed), per_image)
-
-@dataclass
-class ObjectQueries:
-    "The retrieval queries of a run: ground-truth object crops of the gallery images"
-    index: Tensor      # (Q,) gallery index of each query's source image, ascending
-    boxes: Tensor      # (Q, 4) xywh in scene pixels
-    category: Tensor   # (Q,) category id
-    crops: Tensor      # uint8 (Q, 3, q, q)
-    relevant: Tensor|None = None   # Bool (Q, G), set once the gallery's categories are known
-
-def _scenes(images, idx:list, image_size:int)->tuple:   # -> (uint8 (B, 3, S, S), items)
-    items = [images[i] for i in idx]
-    return torch.stack([resize_square(it['image'], image_size) for it in items]), items
-
-def object_crops(gallery:Gallery, n:int, image_size:int, query_size:int, batch_size:int)->ObjectQueries|None:
-    "The object queries of the first `n` gallery images, or None when the gallery has no labelled objects there"
-    obj = gallery.object_queries(image_size, n)
-    if not obj: return None
-    index = torch.tensor([int(q['index']) for q in obj]); boxes = torch.stack([torch.as_tensor(q['box']).float() for q in obj])
-    crops = torch.zeros(len(obj), 3, query_size, query_size, dtype=torch.uint8)
-    todo = sorted(set(index.tolist()))
-    for s in range(0, len(todo), batch_size):
-        idx = todo[s:s + batch_size]
-        scenes, _ = _scenes(gallery, idx, image_size)
-        sel = torch.isin(index, torch.tensor(idx)).nonzero().flatten()
-        local = torch.tensor([idx.index(i) for i in index[sel].tolist()])
-        crops[sel] = to_uint8(crop_queries(scenes[local], boxes[sel], query_size))
-    return ObjectQueries(index, boxes, torch.tensor([int(q['category_id']) for q in obj]), crops)
-
-def reference_crops(images,                # image set the reference queries are cut from (not the gallery)
-                    n:int,                 # number of reference queries
-                    image_size:int, query_size:int,
-                    crop_frac:tuple=(0.10, 0.25),
-                    seed:int=0,
-                    exclude_ids:set=frozenset(),   # COCO ids not to use (the gallery's)
-                    batch_size:int=16,
-                   )->tuple:               # (uint8 (n, 3, q, q) crops, number of images left out for `exclude_ids`)
-    "One seeded random crop from each of `n` images of `images` (`gallery.reference_images`: cycling when there are fewer)"
-    idx, boxes, left_out = reference_images(images, n, image_size, crop_frac, seed, exclude_ids)
-    crops = [to_uint8(crop_queries(_scenes(images, idx[s:s + batch_size], image_size)[0], boxes[s:s + batch_size], query_size))
-             for s in range(0, n, batch_size)]
-    return (torch.cat(crops) if crops else torch.zeros(0, 3, query_size, query_size, dtype=torch.uint8)), left_out
-
-# %% ../nbs/06b_evaluate.ipynb #5d57fa5e
-def gallery_scores(queries:Tensor,  # (Q, D) L2-normalized query embeddings
-                   grids:dict,      # level -> (B, D, H, W) L2-normalized cell embeddings of B gallery images
-                   chunk:int=512,   # queries per matmul (bounds memory at chunk * B * H * W)
-                  )->Tensor:        # (Q, B) best cell similarity over all levels
-    "Score gallery images for each query by their best cell similarity over all levels"
-    best = None
-    for g in grids.values():
-        g = g.flatten(2)                                                          # (B, D, H, W) -> (B, D, H*W)
-        s = torch.cat([torch.einsum('qd,bdn->qbn', q, g).amax(-1) for q in queries.split(chunk)])  # (Q, B)
-        best = s if best is None else torch.maximum(best, s)
-    return best
-
-# %% ../nbs/06b_evaluate.ipynb #64b90c38
-@dataclass
-class PassConfig:
-    "How one evaluation pass runs"
-    protocols: list          # 'standard' and/or 'hard'
-    image_size: int          # scene side S
-    query_size: int          # query side q
-    batch_size: int          # scenes per forward pass
-    device: torch.device
-    baselines: bool = True   # template matching and gallery histograms
-    loss_fn: object = None   # `AntXentLoss` for avg_pos / avg_neg / loss, or None
-    progress: bool = False
-    per_query: bool = False  # keep the argmax cells and the object queries' own-scene hits
-
-@dataclass
-class MethodTally:
-    "What one pass collects for one method"
-    hits: dict = field(default_factory=dict)        # protocol (+ '_strict') -> [level -> Bool (b,)], one per batch
-    best: dict = field(default_factory=dict)        # protocol -> [`best_cells(...)['all']`], one per batch
-    object_hits: list = field(default_factory=list) # [level -> Bool (b,)] of the object queries in their own scene
-    object_best: list = field(default_factory=list)
-    scores: list = field(default_factory=list)      # [(Q, b) gallery score columns]
-    reference_scores: list = field(default_factory=list)  # [(R, b)]
-    loss_sums: dict = field(default_factory=dict)   # 'loss', 'avg_pos', 'avg_neg' -> sum over queries
-
-@dataclass
-class BaselineTally:
-    "What one pass collects for the baselines and the gallery"
-    template_hits: dict = field(default_factory=dict)     # protocol -> [Bool (b,)]
-    gallery_hists: list = field(default_factory=list)     # [(T, bins)] tile histograms of each gallery image
-    gallery_categories: list = field(default_factory=list) # [set of category ids] of each gallery image
-    grid_hws: dict = field(default_factory=dict)          # level -> (H, W) of the model's grids
-
-def _embed_crops(model, crops:Tensor, device, batch_size:int)->Tensor:   # uint8 (N, 3, q, q) -> (N, D) on device
-    return torch.cat([model.embed_queries(c.to(device).float() / 255) for c in crops.split(batch_size)])
-
-def _in_batch(index:Tensor, start:int, stop:int)->Tensor:   # positions of the queries whose scene is in [start, stop)
-    return ((index >= start) & (index < stop)).nonzero().flatten()
-
-def _similarities(q:Tensor, own:dict)->dict:   # (n, D) x level -> (n, D, H, W) -> level -> (n, H, W)
-    return {k: torch.einsum('nd,ndhw->nhw', q, g) for k, g in own.items()}
-
-def _cpu(d:dict)->dict: return {k: v.cpu() for k, v in d.items()}
-
-@torch.no_grad()
-def _evaluation_pass(methods:dict,                  # name -> model (`embed_queries` / `embed_scenes`)
-                     gallery, n:int,                # the first `n` images of `gallery`
-                     loc:LocalizationQueries,
-                     obj:ObjectQueries|None,
-                     reference:Tensor|None,         # uint8 (R, 3, q, q) reference crops, or None
-                     cfg:PassConfig,
-                    )->tuple:                       # ({name: MethodTally}, BaselineTally)
-    "Embed every gallery scene once per method and collect SGA hits, loss sums and gallery / reference scores"
-    tallies, shared, dev = {name: MethodTally() for name in methods}, BaselineTally(), cfg.device
-    query_emb = {name: _embed_crops(m, obj.crops, dev, cfg.batch_size) for name, m in methods.items()} if obj else {}
-    ref_emb = {name: _embed_crops(m, reference, dev, cfg.batch_size) for name, m in methods.items()} if reference is not None else {}
-    sizes = template_sizes(cfg.image_size)
-    for start in tqdm(range(0, n, cfg.batch_size), desc='evaluate', disable=not cfg.progress):
-        stop = min(n, start + cfg.batch_size)
-        scenes_u8, items = _scenes(gallery, list(range(start, stop)), cfg.image_size)
-        shared.gallery_categories += [set(map(int, it['category_ids'].tolist())) for it in items]
-        sel = _in_batch(loc.index, start, stop)
-        local, boxes = loc.index[sel] - start, loc.boxes[sel]
-        scenes = scenes_u8.to(dev).float() / 255
-        params = {k: v[sel] for k, v in loc.params.items()}
-        crops = {p: eval_queries(scenes[local.to(dev)], boxes, params, cfg.query_size, p == 'hard')
-                 for p in cfg.protocols} if len(sel) else {}
-        if cfg.baselines and len(sel):
-            for p in cfg.protocols:
-                shared.template_hits.setdefault(p, []).append(template_matching_hits(scenes_u8, crops[p].cpu(), local, boxes, sizes))
-        if cfg.baselines and obj: shared.gallery_hists += [tile_histograms(s) for s in scenes_u8]
-        osel = _in_batch(obj.index, start, stop) if obj and cfg.per_query else torch.zeros(0, dtype=torch.long)
-        for name, model in methods.items():
-            t, grids = tallies[name], model.embed_scenes(scenes)
-            if name == 'model': shared.grid_hws = {k: tuple(g.shape[-2:]) for k, g in grids.items()}
-            if obj: t.scores.append(gallery_scores(query_emb[name], grids).cpu())
-            if reference is not None: t.reference_scores.append(gallery_scores(ref_emb[name], grids).cpu())
-            if len(osel):
-                own = {k: g[(obj.index[osel] - start).to(dev)] for k, g in grids.items()}
-                sims = _similarities(query_emb[name][osel.to(dev)], own)
-                t.object_hits.append(_cpu(sga_hits(sims, obj.boxes[osel], cfg.image_size)))
-                t.object_best.append(_cpu(best_cells(sims)['all']))
-            if not len(sel): continue
-            own = {k: g[local.to(dev)] for k, g in grids.items()}                  # (b, D, H, W), one scene per query
-            for p in cfg.protocols:
-                q = model.embed_queries(crops[p])
-                sims = _similarities(q, own)
-                t.hits.setdefault(p, []).append(_cpu(sga_hits(sims, boxes, cfg.image_size)))
-                t.hits.setdefault(p + '_strict', []).append(_cpu(sga_hits(sims, boxes, cfg.image_size, True)))
-                if cfg.per_query: t.best.setdefault(p, []).append(_cpu(best_cells(sims)['all']))
-                if p == cfg.protocols[0] and cfg.loss_fn is not None and name != 'imagenet_resnet':
-                    out = cfg.loss_fn(q, own, boxes.to(dev), cfg.image_size)
-                    for k in ('loss', 'avg_pos', 'avg_neg'): t.loss_sums[k] = t.loss_sums.get(k, 0.) + float(getattr(out, k)) * len(sel)
-    return tallies, shared
+__all__ = ['EvalSettings', 'evaluate', 'select_image_score', 'EvalSpec', 'EvalData', 'evaluation_data', 'record_evaluation_data',
+           'EvalRun', 'write_outputs', 'run_evaluation', 'main']
 
 # %% ../nbs/06b_evaluate.ipynb #83702ba1
 @dataclass
-class RunQueries:
-    "All the queries of one run"
-    loc: LocalizationQueries
-    obj: ObjectQueries|None
-    reference: Tensor|None        # uint8 (R, 3, q, q) reference crops
-    reference_left_out: int = 0   # reference images dropped because they are in the gallery
+class EvalSettings:
+    "How one evaluation runs (the data it runs on is `evaluate`'s arguments)"
+    image_size: int|None = None     # scene side S; None: the model's `config['image_size']`, else 256
+    query_size: int|None = None     # query side q; None: the model's `config['query_size']`, else 64
+    queries: str = 'both'           # SGA protocol: 'standard', 'hard' or 'both'
+    seed: int = 0                   # seed of the query boxes, augmentations, reference crops and bootstrap
+    baselines: bool = True          # template matching, colour histograms, ImageNet features
+    device: object = 'cpu'
+    max_images: int|None = None     # evaluate on the first `max_images` gallery images only
+    queries_per_image: int = 8      # random-crop SGA queries per image
+    batch_size: int = 16            # scenes per forward pass
+    crop_frac: tuple = (0.10, 0.25) # query side range, fraction of S
+    ks: tuple = (1, 5, 10)          # k of top-k and precision@k
+    temperature: float = 0.1        # ANT-Xent temperature for `loss`
+    n_reference: int = 256          # reference queries (0: none)
+    n_boot: int = 2000              # bootstrap resamples of the SGA intervals
+    per_query: bool = False         # also return the per-query rows under 'per_query'
+    progress: bool = False          # show a progress bar
+
+    def __post_init__(self):
+        if self.queries not in QUERY_PROTOCOLS: raise ValueError(f"queries={self.queries!r}; valid: {', '.join(QUERY_PROTOCOLS)}")
+        if self.image_size is not None: check_image_size(self.image_size)
+        for name, lo in (('queries_per_image', 1), ('batch_size', 1), ('n_boot', 100), ('n_reference', 0)):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= lo): raise ValueError(f"{name}={v!r}: must be an integer >= {lo}")
+        if self.query_size is not None and not (isinstance(self.query_size, int) and 8 <= self.query_size <= (self.image_size or MAX_IMAGE_SIZE)):
+            raise ValueError(f"query_size={self.query_size!r}: must be an integer in [8, image_size={self.image_size}]")
+        if self.n_reference == 1: raise ValueError("n_reference=1: the hubness statistics need at least 2 reference queries (or 0 for none)")
+
+    def for_model(self, model)->EvalSettings:
+        "These settings with the sizes the model was trained at filled in"
+        cfg = getattr(model, 'config', None) or {}
+        return replace(self, image_size=self.image_size or int(cfg.get('image_size') or 256),
+                       query_size=self.query_size or int(cfg.get('query_size') or 64))
 
 def _person_id(names:dict)->int|None: return next((i for i, n in names.items() if n == 'person'), None)
 
@@ -240,92 +78,81 @@ def _twin_key(twin, gallery:Gallery, n:int, q:RunQueries, cfg:PassConfig, temper
                           protocols=cfg.protocols, image_size=cfg.image_size, query_size=cfg.query_size,
                           batch_size=cfg.batch_size, device=str(cfg.device), per_query=cfg.per_query, temperature=temperature))
 
-@torch.no_grad()
-def evaluate(model,                  # a `LearnAndSearch` (or anything with `embed_queries`/`embed_scenes`)
-             images,                 # the gallery: a `Gallery`, or one image set (a `CocoImages` for retrieval)
-             image_size:int=256,     # scene side S
-             query_size:int=64,      # query side q
-             queries:str='both',     # SGA protocol: 'standard', 'hard' or 'both'
-             seed:int=0,             # seed of the query boxes, augmentations, reference crops and bootstrap
-             random_init=None,       # same architecture at random initialization, for RIGA
-             baselines:bool=True,    # template matching, colour histograms, ImageNet features
-             device='cpu',
-             max_images:int|None=None,  # evaluate on the first `max_images` gallery images only
-             queries_per_image:int=8,   # random-crop SGA queries per image
-             batch_size:int=16,      # scenes per forward pass
-             crop_frac:tuple=(0.10, 0.25),  # query side range, fraction of S
-             ks:tuple=(1, 5, 10),    # k of top-k and precision@k
-             temperature:float=0.1,  # ANT-Xent temperature for `loss`
-             reference=None,         # image set for the hubness reference queries (not the gallery), or None
-             n_reference:int=256,    # reference queries
-             n_boot:int=2000,        # bootstrap resamples of the SGA intervals
-             per_query:bool=False,   # also return the per-query rows under 'per_query'
-             validation=None,        # labelled `Gallery` (not this one) on which to choose the image score, or None
-             progress:bool=False,    # show a progress bar
-             shared_cache=None,      # folder where the random-init twin's tally is kept and read back (`eval_cache`)
-            )->dict:                 # JSON-able metrics, see the definitions above
-    "Zero-shot SGA, retrieval, hubness and baselines of `model` on the gallery `images`"
-    if queries not in QUERY_PROTOCOLS: raise ValueError(f"queries={queries!r}; valid: {', '.join(QUERY_PROTOCOLS)}")
-    check_image_size(image_size)
-    for name, v, lo in (('queries_per_image', queries_per_image, 1), ('batch_size', batch_size, 1), ('n_boot', n_boot, 100),
-                        ('n_reference', n_reference, 0)):
-        if not (isinstance(v, int) and v >= lo): raise ValueError(f"{name}={v!r}: must be an integer >= {lo}")
-    if not (isinstance(query_size, int) and 8 <= query_size <= image_size):
-        raise ValueError(f"query_size={query_size!r}: must be an integer in [8, image_size={image_size}]")
-    if n_reference == 1: raise ValueError("n_reference=1: the hubness statistics need at least 2 reference queries (or 0 for none)")
-    gallery = images if isinstance(images, Gallery) else Gallery([images])
-    n = len(gallery) if max_images is None else min(len(gallery), max_images)
-    if n < 1: raise ValueError(f"no evaluation images (gallery of {len(gallery)}, max_images={max_images})")
-    if validation is not None:
-        clash = set(validation.ids) & set(gallery.ids[:n]) - {None}
-        if clash: raise ValueError(f"the validation gallery shares {len(clash)} images with the reported gallery (e.g. id {min(clash)})")
-    t0, device = time.time(), torch.device(device)
-    protocols = ['standard', 'hard'] if queries == 'both' else [queries]
-    notes = {}
-    obj = object_crops(gallery, n, image_size, query_size, batch_size)
+def _run_queries(gallery:Gallery, n:int, s:EvalSettings, reference, validation, notes:dict)->RunQueries:
+    "The localization, object and reference queries of a run on the first `n` images of `gallery`"
+    obj = object_crops(gallery, n, s.image_size, s.query_size, s.batch_size)
     ref, left_out = (None, 0)
-    if reference is not None and n_reference and obj is not None:
+    if reference is not None and s.n_reference and obj is not None:
         not_ref = {i for i in gallery.ids[:n] + (validation.ids if validation is not None else []) if i is not None}
-        ref, left_out = reference_crops(reference, n_reference, image_size, query_size, crop_frac, seed, not_ref, batch_size)
+        ref, left_out = reference_crops(reference, s.n_reference, s.image_size, s.query_size, s.crop_frac, s.seed, not_ref,
+                                        s.batch_size)
     elif obj is not None: notes['hubness_reduced'] = 'skipped: no reference images (give reference images that are not the gallery)'
-    run_queries = RunQueries(LocalizationQueries.draw(n, image_size, queries_per_image, crop_frac, seed), obj, ref, left_out)
+    return RunQueries(LocalizationQueries.draw(n, s.image_size, s.queries_per_image, s.crop_frac, s.seed), obj, ref, left_out)
+
+def _methods(model, random_init, baselines:bool, notes:dict)->dict:   # name -> model of every method of the run
     methods = {'model': model}
     if random_init is not None and random_init is not model: methods['random_init'] = random_init
     if baselines:
         arch = (getattr(model, 'config', None) or {}).get('arch', 'resnet18')
         try: methods['imagenet_resnet'] = imagenet_features(arch)
         except (FileNotFoundError, ValueError) as e: notes['imagenet_resnet'] = f"skipped: {e}"
+    return methods
+
+# %% ../nbs/06b_evaluate.ipynb #af4768a4
+@torch.no_grad()
+def evaluate(model,                    # a `LearnAndSearch` (or anything with `embed_queries`/`embed_scenes`)
+             images,                   # the gallery: a `Gallery`, or one image set (a `CocoImages` for retrieval)
+             settings:EvalSettings|None=None,  # how the run goes (default `EvalSettings()`)
+             random_init=None,         # same architecture at random initialization, for RIGA
+             reference=None,           # image set for the hubness reference queries (not the gallery), or None
+             validation=None,          # labelled `Gallery` (not this one) on which to choose the image score, or None
+             shared_cache=None,        # folder where the random-init twin's tally is kept and read back (`eval_cache`)
+             **overrides,              # fields of `EvalSettings` replacing those of `settings`
+            )->dict:                   # JSON-able metrics, see the definitions above
+    "Zero-shot SGA, retrieval, hubness and baselines of `model` on the gallery `images`"
+    s = (replace(settings, **overrides) if settings else EvalSettings(**overrides)).for_model(model)
+    gallery = images if isinstance(images, Gallery) else Gallery([images])
+    n = len(gallery) if s.max_images is None else min(len(gallery), s.max_images)
+    if n < 1: raise ValueError(f"no evaluation images (gallery of {len(gallery)}, max_images={s.max_images})")
+    if validation is not None:
+        clash = set(validation.ids) & set(gallery.ids[:n]) - {None}
+        if clash: raise ValueError(f"the validation gallery shares {len(clash)} images with the reported gallery (e.g. id {min(clash)})")
+    t0, device, notes = time.time(), torch.device(s.device), {}
+    protocols = ['standard', 'hard'] if s.queries == 'both' else [s.queries]
+    run_queries = _run_queries(gallery, n, s, reference, validation, notes)
+    methods = _methods(model, random_init, s.baselines, notes)
     modes = {name: m.training for name, m in methods.items()}
     for m in methods.values(): m.to(device).eval()
-    cfg = PassConfig(protocols, image_size, query_size, batch_size, device, baselines, AntXentLoss(temperature=temperature),
-                     progress, per_query)
+    cfg = PassConfig(protocols, s.image_size, s.query_size, s.batch_size, device, s.baselines,
+                     AntXentLoss(temperature=s.temperature), s.progress, s.per_query)
     keys = {} if shared_cache is None or 'random_init' not in methods else \
-        {'random_init': _twin_key(random_init, gallery, n, run_queries, cfg, temperature)}
+        {'random_init': _twin_key(random_init, gallery, n, run_queries, cfg, s.temperature)}
     cached = {k: t for k, key in keys.items() if (t := read_tally(shared_cache, key, MethodTally)) is not None}
     try:
-        tallies, shared = _evaluation_pass({k: m for k, m in methods.items() if k not in cached}, gallery, n, run_queries.loc,
-                                           obj, ref, cfg)
+        tallies, shared = evaluation_pass({k: m for k, m in methods.items() if k not in cached}, gallery, n, run_queries.loc,
+                                          run_queries.obj, run_queries.reference, cfg)
         tallies = {k: tallies[k] if k in tallies else cached[k] for k in methods}   # the methods' order, cached or not
         for k, key in keys.items():
             if k not in cached: write_tally(shared_cache, key, tallies[k])
     finally:
         for name, m in methods.items(): m.train(modes[name])
+    obj = run_queries.obj
     if obj: obj.relevant = relevance(obj.category, shared.gallery_categories)
     names = dict(gallery.categories)
-    info = RunInfo(protocols, image_size, tuple(ks), baselines, gallery.record(), n, _person_id(names), names, notes,
-                   dict(image_size=image_size, query_size=query_size, queries=queries, seed=seed, max_images=max_images,
-                        queries_per_image=queries_per_image, crop_frac=list(crop_frac), ks=list(ks), temperature=temperature,
-                        random_init_is_model=random_init is model, n_reference=n_reference,
+    info = RunInfo(protocols, s.image_size, tuple(s.ks), s.baselines, gallery.record(), n, _person_id(names), names, notes,
+                   dict(image_size=s.image_size, query_size=s.query_size, queries=s.queries, seed=s.seed, max_images=s.max_images,
+                        queries_per_image=s.queries_per_image, crop_frac=list(s.crop_frac), ks=list(s.ks),
+                        temperature=s.temperature, random_init_is_model=random_init is model, n_reference=s.n_reference,
                         interval=dict(method='percentile bootstrap over images (all queries of an image resampled together)',
-                                      level=0.95, n_boot=n_boot, seed=seed)),
-                   n_boot, seed)
+                                      level=0.95, n_boot=s.n_boot, seed=s.seed)),
+                   s.n_boot, s.seed)
     out = assemble_metrics(tallies, shared, run_queries, info, random_init is model)
     out['score_mode'] = None
-    if validation is not None and ref is not None:
-        out['score_mode'] = select_image_score(model, validation, ref, cfg)
+    if validation is not None and run_queries.reference is not None:
+        out['score_mode'] = select_image_score(model, validation, run_queries.reference, cfg)
     elif validation is not None: notes['score_mode'] = 'not chosen: no reference queries'
     out['settings']['seconds'] = round(time.time() - t0, 2)
-    if per_query: out['per_query'] = per_query_rows(tallies, run_queries, gallery, protocols, names, image_size)
+    if s.per_query: out['per_query'] = per_query_rows(tallies, run_queries, gallery, protocols, names, s.image_size)
     return out
 
 # %% ../nbs/06b_evaluate.ipynb #a01449e3
@@ -340,13 +167,116 @@ def select_image_score(model,                 # the evaluated model
     no_sga = LocalizationQueries(torch.zeros(0, dtype=torch.long), torch.zeros(0, 4), eval_query_params(0), 0)
     pass_cfg = PassConfig([], cfg.image_size, cfg.query_size, cfg.batch_size, cfg.device, baselines=False, progress=cfg.progress)
     was = model.training
-    try: tallies, shared = _evaluation_pass({'model': model.eval()}, validation, len(validation), no_sga, obj, reference, pass_cfg)
+    try: tallies, shared = evaluation_pass({'model': model.eval()}, validation, len(validation), no_sga, obj, reference, pass_cfg)
     finally: model.train(was)
     t = tallies['model']
     relevant = relevance(obj.category, shared.gallery_categories)
     best, m_ap = select_score_mode(torch.cat(t.scores, 1), obj.index, relevant, reference_stats(torch.cat(t.reference_scores, 1)))
     return dict(selected=best, validation_map=m_ap, n_images=len(validation), n_queries=len(obj.index),
                 validation='category mAP of object queries on a labelled gallery disjoint from the reported one')
+
+# %% ../nbs/06b_evaluate.ipynb #0162082d
+@dataclass
+class EvalSpec:
+    "One evaluation as `las-eval` and `las-reproduce` run it: which model, on which images, how"
+    checkpoint: str|None = None        # a `las-train` checkpoint; None: the random-init model of `model_config`
+    model_config: dict|None = None     # preset, arch, dim of the random-init model (without a checkpoint)
+    data: str = 'synthetic'            # COCO root or 'synthetic'
+    split: str = 'val2017'             # split(s) of `data` in the gallery, comma-separated
+    gallery: list = field(default_factory=list)         # further (root, split) of the gallery
+    exclude_from: list = field(default_factory=list)    # further (path, split or None) whose images leave the gallery
+    exclude_training: bool = True      # leave out the images the checkpoint was trained on
+    reference_data: str|None = None    # images of the hubness reference queries (default: the training data)
+    reference_split: str|None = None   # their split (default: the training split, else train2017)
+    validation: list = field(default_factory=list)      # (root, split) of labelled images to choose the image score on
+    skip_unreadable: bool = False      # leave unreadable gallery images out (counted) instead of failing
+    settings: EvalSettings = field(default_factory=EvalSettings)
+    shared_cache: str|None = None      # folder of the random-init twin's tally (`eval_cache`)
+
+    @property
+    def parts(self)->list: return [(self.data, s) for s in str(self.split).split(',') if s] + list(self.gallery)
+
+@dataclass
+class EvalData:
+    "What an evaluation runs on: the gallery, the hubness reference images, and their record for metrics.json"
+    gallery: Gallery
+    reference: object|None                        # image set of the reference queries, or None
+    record: dict                                  # gallery exclusions and reference source
+
+def evaluation_data(spec:EvalSpec,
+                    config:dict|None,             # the evaluated model's config (its training `data` and `split`); None: untrained
+                   )->EvalData:
+    "The gallery and reference images of `spec`, and their record"
+    config, parts = config or {}, spec.parts
+    train_data, train_split = config.get('data'), config.get('split') or 'train2017'
+    exclude = list(spec.exclude_from) + ([(train_data, train_split)] if train_data and spec.exclude_training else [])
+    excluded, unnamed, sources = excluded_ids(exclude)
+    gallery = open_gallery(parts, excluded, spec.skip_unreadable)
+    ref_data = spec.reference_data or train_data or ('synthetic' if all(str(d) == 'synthetic' for d, _ in parts) else None)
+    ref_split = spec.reference_split or (train_split if train_data and not spec.reference_data else 'train2017')
+    reference = open_images(ref_data, ref_split) if ref_data and spec.settings.n_reference else None
+    record = dict(gallery=dict(excluded_from=sources, n_excluded_ids=len(excluded), n_unparsed_names=unnamed),
+                  reference=dict(data=ref_data and str(ref_data), split=ref_split if isinstance(reference, CocoImages) else None))
+    return EvalData(gallery, reference, record)
+
+def record_evaluation_data(metrics:dict, data:EvalData)->dict:
+    "`metrics` with the record of `data` (gallery exclusions, reference source and count) merged in"
+    metrics['gallery'].update(data.record['gallery'])
+    metrics['settings']['reference'] = dict(**data.record['reference'], n_queries=metrics['n_queries']['reference'])
+    return metrics
+
+# %% ../nbs/06b_evaluate.ipynb #95a352ec
+@dataclass
+class EvalRun:
+    "What `run_evaluation` gives back: the metrics as metrics.json holds them, the per-query rows, the model and its data"
+    metrics: dict
+    per_query: list|None
+    model: object
+    data: EvalData
+
+def _models(spec:EvalSpec)->tuple:   # -> (model, random-init twin)
+    seed = spec.settings.seed
+    if spec.checkpoint is None:    # two objects with equal weights, so `gap_r` = 1 is measured, not assumed
+        return random_init_model(spec.model_config, seed), random_init_model(spec.model_config, seed)
+    model = load_model(spec.checkpoint, map_location='cpu')     # one-line ValueError if missing, corrupt or hostile
+    return model, random_init_model(model.config, seed)
+
+def write_outputs(out, files:dict):   # folder; file name -> text
+    "Write every file of a run to `out`, atomically each; on a failure remove those this call wrote, then raise"
+    out = Path(out); made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    try:
+        for name, text in files.items(): atomic_write(out/name, text); written.append(out/name)
+    except BaseException:
+        for f in written: f.unlink(missing_ok=True)
+        if made and not any(out.iterdir()): out.rmdir()
+        raise
+
+def run_evaluation(spec:EvalSpec,
+                   out=None,          # folder for metrics.json, metrics.md and the CSVs; None: nothing written
+                  )->EvalRun:
+    "Evaluate the model of `spec` beside its random-init twin on the data `spec` names; the one path of las-eval and las-reproduce"
+    model, twin = _models(spec)
+    data = evaluation_data(spec, model.config if spec.checkpoint else None)
+    validation = open_gallery(spec.validation, set(data.gallery.ids) - {None}, spec.skip_unreadable) if spec.validation else None
+    if validation is not None and not len(validation): raise ValueError("--validation: every image is in the gallery")
+    device = resolve_device(spec.settings.device)
+    metrics = evaluate(model, data.gallery, replace(spec.settings, device=device), random_init=twin, reference=data.reference,
+                       validation=validation, shared_cache=spec.shared_cache)
+    rows = metrics.pop('per_query', None)   # per_query.csv, not metrics.json
+    record_evaluation_data(metrics, data)
+    metrics['source'] = dict(checkpoint=spec.checkpoint and str(spec.checkpoint), random_init=spec.checkpoint is None,
+                             config=model.config if spec.checkpoint else spec.model_config, data=str(spec.data),
+                             split=spec.split, gallery=[f"{d}:{s}" for d, s in spec.parts],
+                             machine=describe_machine(device), torch=torch.__version__)
+    metrics = json.loads(json.dumps(metrics, default=str))   # the form metrics.json holds: plain types, string keys
+    if out is not None:
+        files = {'metrics.json': json.dumps(metrics, indent=1, sort_keys=True) + '\n', 'metrics.md': metrics_markdown(metrics)}
+        if metrics.get('per_category'): files['per_category.csv'] = per_category_csv(metrics)
+        if rows is not None: files['per_query.csv'] = per_query_csv(rows, model.levels)
+        write_outputs(out, files)
+    return EvalRun(metrics, rows, model, data)
 
 # %% ../nbs/06b_evaluate.ipynb #5b26c7d3
 def _root_split(text:str)->tuple:   # 'ROOT:SPLIT' -> (ROOT, SPLIT)
@@ -420,42 +350,6 @@ def _check_out(path)->Path:
     if not os.access(parent, os.W_OK | os.X_OK): raise ValueError(f"--out {path}: {parent} is not writable")
     return out
 
-# %% ../nbs/06b_evaluate.ipynb #evdata0cd
-@dataclass
-class EvalData:
-    "What an evaluation runs on: the gallery, the hubness reference images, and their record for metrics.json"
-    gallery: Gallery
-    reference: object|None                        # image set of the reference queries, or None
-    record: dict                                  # gallery exclusions and reference source
-
-def evaluation_data(config:dict|None,            # the evaluated model's config (its training `data` and `split`); None: untrained
-                    parts:list,                   # [(data, split)] of the gallery
-                    exclude_from:list=(),         # further (path, split or None) whose images leave the gallery
-                    exclude_training:bool=True,   # leave out the images `config` was trained on
-                    reference_data=None,          # images of the hubness reference queries (default: the training data)
-                    reference_split:str|None=None,  # their split (default: the training split, else train2017)
-                    n_reference:int=256,          # reference queries (0: no reference images opened)
-                    skip_unreadable:bool=False,   # leave unreadable gallery images out (counted) instead of failing
-                   )->EvalData:
-    "The gallery and reference images of an evaluation, chosen the same way for `las-eval` and `las-reproduce`"
-    config = config or {}
-    train_data, train_split = config.get('data'), config.get('split') or 'train2017'
-    exclude = list(exclude_from) + ([(train_data, train_split)] if train_data and exclude_training else [])
-    excluded, unnamed, sources = excluded_ids(exclude)
-    gallery = open_gallery(parts, excluded, skip_unreadable)
-    ref_data = reference_data or train_data or ('synthetic' if all(str(d) == 'synthetic' for d, _ in parts) else None)
-    ref_split = reference_split or (train_split if train_data and not reference_data else 'train2017')
-    reference = open_images(ref_data, ref_split) if ref_data and n_reference else None
-    record = dict(gallery=dict(excluded_from=sources, n_excluded_ids=len(excluded), n_unparsed_names=unnamed),
-                  reference=dict(data=ref_data and str(ref_data), split=ref_split if isinstance(reference, CocoImages) else None))
-    return EvalData(gallery, reference, record)
-
-def record_evaluation_data(metrics:dict, data:EvalData)->dict:
-    "`metrics` with the record of `data` (gallery exclusions, reference source and count) merged in"
-    metrics['gallery'].update(data.record['gallery'])
-    metrics['settings']['reference'] = dict(**data.record['reference'], n_queries=metrics['n_queries']['reference'])
-    return metrics
-
 # %% ../nbs/06b_evaluate.ipynb #82c8d8c1
 def _run(argv:list|None=None)->int:
     "las-eval without the error handling of `main`"
@@ -463,37 +357,14 @@ def _run(argv:list|None=None)->int:
     if a.random_init and not a.preset: p.error('--random-init needs --preset NAME')
     _check_flags(a)
     out = _check_out(a.out)
-    device = resolve_device(a.device)
-    if a.checkpoint:
-        model = load_model(a.checkpoint, map_location='cpu')     # one-line ValueError if missing, corrupt or hostile
-        config = dict(model.config)
-        twin = random_init_model(config, a.seed)
-    else:
-        config = dict(preset=a.preset, arch=a.arch, dim=a.dim)
-        model, twin = random_init_model(config, a.seed), random_init_model(config, a.seed)   # two objects, equal weights
-    image_size = a.image_size if a.image_size is not None else int(config.get('image_size') or 256)
-    query_size = a.query_size if a.query_size is not None else int(config.get('query_size') or 64)
-    parts = [(a.data, s) for s in a.split.split(',') if s] + list(a.gallery)
-    data = evaluation_data(config if a.checkpoint else None, parts, a.exclude_ids_from, not a.no_exclude_training,
-                           a.reference_data, a.reference_split, a.reference_queries, a.skip_unreadable)
-    gallery, reference = data.gallery, data.reference
-    validation = open_gallery(a.validation, set(gallery.ids) - {None}, a.skip_unreadable) if a.validation else None
-    if validation is not None and not len(validation): raise ValueError("--validation: every image is in the gallery")
-    metrics = evaluate(model, gallery, image_size=image_size, query_size=query_size, queries=a.queries, seed=a.seed,
-                       random_init=twin, baselines=not a.no_baselines, device=device, max_images=a.max_images,
-                       queries_per_image=a.queries_per_image, batch_size=a.batch_size, reference=reference,
-                       n_reference=a.reference_queries, n_boot=a.bootstrap, per_query=a.per_query, validation=validation,
-                       progress=sys.stderr.isatty())
-    record_evaluation_data(metrics, data)
-    metrics['source'] = dict(checkpoint=a.checkpoint, random_init=a.random_init, config=config, data=str(a.data), split=a.split,
-                             gallery=[f"{d}:{s}" for d, s in parts])
-    rows = metrics.pop('per_query', None)
-    md = metrics_markdown(metrics)
-    atomic_write_json(out/'metrics.json', metrics)
-    atomic_write(out/'metrics.md', md)
-    if metrics.get('per_category'): atomic_write(out/'per_category.csv', per_category_csv(metrics))
-    if rows is not None: atomic_write(out/'per_query.csv', per_query_csv(rows, model.levels))
-    print(md)
+    settings = EvalSettings(image_size=a.image_size, query_size=a.query_size, queries=a.queries, seed=a.seed,
+                            baselines=not a.no_baselines, device=a.device, max_images=a.max_images,
+                            queries_per_image=a.queries_per_image, batch_size=a.batch_size, n_reference=a.reference_queries,
+                            n_boot=a.bootstrap, per_query=a.per_query, progress=sys.stderr.isatty())
+    spec = EvalSpec(a.checkpoint, None if a.checkpoint else dict(preset=a.preset, arch=a.arch, dim=a.dim), a.data, a.split,
+                    list(a.gallery), list(a.exclude_ids_from), not a.no_exclude_training, a.reference_data,
+                    a.reference_split, list(a.validation), a.skip_unreadable, settings)
+    print(metrics_markdown(run_evaluation(spec, out).metrics))
     return 0
 
 def main(argv:list|None=None):   # command-line arguments; None = sys.argv[1:]
