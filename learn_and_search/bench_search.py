@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .hubness import adjust_scores
-from .grid import nominal_grids
+from .grid import image_scores, nominal_grids
 from .index import DEFAULT_LEVELS, random_unit_cells, recall_at_k
 from .search import SearchIndex
 from .utils import markdown_table, run_cli, script_entry
@@ -28,12 +28,12 @@ def torch_search(cells:torch.Tensor,      # (N*C, D) gallery cells, image after 
                  cells_per_image:int,
                  chunk:int=1 << 20,       # cells per matrix product (bounds the (Q, chunk) score matrix)
                 )->tuple:                 # scores (Q, k), image rows (Q, k)
-    "Exact top-`k` images by best cell, by brute-force matrix products"
+    "Exact top-`k` images by best cell (`grid.image_scores`), by brute-force matrix products"
     C, Q = cells_per_image, len(queries)
     step = max(chunk // C, 1) * C                                  # whole images per chunk
     best_s, best_r = torch.empty(Q, 0), torch.empty(Q, 0, dtype=torch.long)
     for start in range(0, len(cells), step):
-        img = (queries @ cells[start:start + step].T).view(Q, -1, C).amax(-1)   # (Q, n*C) -> (Q, n, C) -> (Q, n)
+        img = image_scores(queries, cells[start:start + step].view(-1, C, cells.shape[1]), chunk=Q).score   # (Q, n)
         s, r = img.topk(min(k, img.shape[1]), dim=1)
         s, i = torch.cat([best_s, s], 1).topk(min(k, best_s.shape[1] + s.shape[1]), dim=1)
         best_s, best_r = s, torch.cat([best_r, r + start // C], 1).gather(1, i)
@@ -96,7 +96,8 @@ def bench_size(n_images:int, grids:dict, dim:int=256, n_queries:int=64, n_single
                           + query_noise * torch.randn(reference, dim, generator=g) / math.sqrt(dim), dim=-1)
         t = time.perf_counter(); flat.set_reference(ref); ref_s = time.perf_counter() - t
         step = max(1, (1 << 22) // (n_queries * C)) * C
-        img = torch.cat([(tq @ cells[s:s + step].T).view(n_queries, -1, C).amax(-1) for s in range(0, len(cells), step)], 1)
+        img = torch.cat([image_scores(tq, cells[s:s + step].view(-1, C, dim), chunk=n_queries).score
+                         for s in range(0, len(cells), step)], 1)   # (Q, G)
         want = adjust_scores(img, flat.ref_stats, 'zscore').topk(min(k, n_images), dim=1).indices.numpy()   # (Q, k) exact
         rows.append(dict(base, index=f'flat + zscore (R={reference})', build_s=ref_s, bytes_per_image=C * dim * 4 + 12,
                          **time_queries(lambda q: flat.search_vectors(q, k, score='zscore'), queries, n_single),
