@@ -335,8 +335,7 @@ def _check_flags(a):
     need(a.reference_queries == 0 or a.reference_queries >= 2, '--reference-queries', a.reference_queries, 'must be 0 (none) or >= 2')
     need(a.seed >= 0, '--seed', a.seed, 'must be >= 0')
     need(a.dim >= 1, '--dim', a.dim, 'must be >= 1')
-    need(a.image_size is None or (64 <= a.image_size <= MAX_IMAGE_SIZE and a.image_size % 32 == 0), '--image-size', a.image_size,
-         f'must be a multiple of 32 between 64 and {MAX_IMAGE_SIZE}')
+    if a.image_size is not None: check_image_size(a.image_size, '--image-size')   # the one image-size rule
     need(a.query_size is None or 8 <= a.query_size <= (a.image_size or 4096), '--query-size', a.query_size,
          f'must be in [8, image size{f" {a.image_size}" if a.image_size else ""}]')
     if not [s for s in a.split.split(',') if s]: raise ValueError(f"--split {a.split!r}: give at least one split")

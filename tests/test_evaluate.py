@@ -146,9 +146,9 @@ def test_las_eval_bad_input(tmp_path, capsys):
     (['--query-size', '0'], '--query-size 0'), (['--query-size', '-5'], '--query-size -5'),
     (['--query-size', '4000', '--image-size', '128'], '--query-size 4000'), (['--batch-size', '0'], '--batch-size 0'),
     (['--queries-per-image', '0'], '--queries-per-image 0'), (['--max-images', '0'], '--max-images 0'),
-    (['--image-size', '100'], '--image-size 100'), (['--reference-queries', '1'], '--reference-queries 1'),
+    (['--image-size', '100'], '--image-size=100'), (['--reference-queries', '1'], '--reference-queries 1'),
     (['--bootstrap', '5'], '--bootstrap 5'), (['--bootstrap', '100000000'], '--bootstrap 100000000: must be in [100, 100,000]'),
-    (['--image-size', '100000'], '--image-size 100000: must be a multiple of 32 between 64 and 2048'),
+    (['--image-size', '100000'], '--image-size=100000: must be a multiple of 32 between 64 and 2048'),
     (['--seed', '-1'], '--seed -1'), (['--device', 'tpu'], "'tpu'")])
 def test_las_eval_rejects_bad_flag_values(tmp_path, capsys, flags, message):
     "Every numeric flag is checked before any work: one line naming the flag and value, exit 2, nothing written"
