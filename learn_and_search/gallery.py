@@ -5,13 +5,18 @@
 # %% ../nbs/01d_gallery.ipynb #a1d0c003
 from __future__ import annotations
 import re
+from dataclasses import dataclass
 from pathlib import Path
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
-from .data import CocoImages, IMAGE_EXTS, load_coco, object_queries, open_checked, open_images, sample_query_box
+from .augment import crop_queries
+from .data import CocoImages, IMAGE_EXTS, ImageReadError, load_coco, object_queries, open_checked, open_images
+from .data import resize_square, sample_query_box
 
 # %% auto #0
-__all__ = ['name_id', 'image_ids', 'training_ids', 'excluded_ids', 'Gallery', 'open_gallery', 'reference_images']
+__all__ = ['name_id', 'image_ids', 'training_ids', 'excluded_ids', 'Gallery', 'open_gallery', 'reference_images',
+           'ReferenceCrops', 'reference_crops']
 
 # %% ../nbs/01d_gallery.ipynb #f1734e38
 _ID_NAME = re.compile(r'(?:COCO_[A-Za-z]+\d*_)?(\d+)')
@@ -117,7 +122,8 @@ def reference_images(images,                # image set the reference queries co
                      exclude_ids:set=frozenset(),   # COCO ids not to use (the gallery's)
                     )->tuple:               # (list of n image positions in `images`, (n, 4) xywh boxes, number left out)
     "`n` seeded picks of the images of `images` outside `exclude_ids` (cycling when there are fewer), each with a query box"
-    ids = image_ids(images)
+    ids = image_ids(images) if exclude_ids else [None] * len(images)   # ids are only needed to leave images out
+    if not ids: raise ValueError("no reference images: the reference set is empty")
     usable = [j for j, i in enumerate(ids) if i is None or i not in exclude_ids]
     if not usable: raise ValueError(f"no reference images left: all {len(ids)} are in the gallery")
     g = torch.Generator().manual_seed(seed)
@@ -125,3 +131,41 @@ def reference_images(images,                # image set the reference queries co
     idx = [order[i % len(order)] for i in range(n)]
     boxes = torch.stack([sample_query_box(image_size, image_size, g, crop_frac) for _ in idx]).reshape(-1, 4)
     return idx, boxes, len(ids) - len(usable)
+
+# %% ../nbs/01d_gallery.ipynb #a1d0c013
+_SKIP_HINT = "pass skip_unreadable=True / --skip-unreadable to leave it out"
+
+@dataclass
+class ReferenceCrops:
+    "The crops `reference_crops` cut, where each came from, and what it left out"
+    crops:Tensor      # uint8 (R, 3, q, q): R = n less the crops of unreadable images
+    source:Tensor     # (R,) long: position in `images` of each crop's image
+    left_out:int      # images not used because their COCO id is in `exclude_ids`
+    skipped:list      # read errors of the unreadable images whose crops were left out
+
+def reference_crops(images,                # image set the reference queries are cut from (not the evaluated gallery)
+                    n:int,                 # number of reference queries
+                    image_size:int,        # scene side S the boxes are drawn in
+                    query_size:int,        # crop side q
+                    crop_frac:tuple=(0.10, 0.25),
+                    seed:int=0,
+                    exclude_ids:set=frozenset(),   # COCO ids not to use (the gallery's)
+                    batch_size:int=16,     # images read and cut at a time
+                    skip_unreadable:bool=False,    # leave unreadable images out (listed in `skipped`) instead of raising
+                   )->ReferenceCrops:
+    "The `n` crops of the boxes `reference_images` draws, each cut from its image resized to the `image_size` scene"
+    idx, boxes, left_out = reference_images(images, n, image_size, crop_frac, seed, exclude_ids)
+    crops, source, skipped = [], [], []
+    for start in range(0, n, batch_size):
+        read = []                                             # (crop number, item) of the readable images
+        for j in range(start, min(start + batch_size, n)):
+            try: read.append((j, images[idx[j]]))
+            except ImageReadError as e:
+                if not skip_unreadable: raise ImageReadError(f"{e} ({_SKIP_HINT})") from None
+                skipped.append(str(e))
+        if not read: continue
+        scenes = torch.stack([resize_square(it['image'], image_size) for _, it in read])   # uint8 (B, 3, S, S)
+        cut = crop_queries(scenes, boxes[[j for j, _ in read]], query_size)                # (B, 3, q, q) in [0, 1]
+        crops.append((cut.clamp(0, 1) * 255).round().to(torch.uint8)); source += [idx[j] for j, _ in read]
+    crops = torch.cat(crops) if crops else torch.zeros(0, 3, query_size, query_size, dtype=torch.uint8)
+    return ReferenceCrops(crops, torch.tensor(source, dtype=torch.long), left_out, skipped)
