@@ -11,12 +11,11 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .augment import crop_queries
-from .data import MIN_IMAGE_SIDE, ImageReadError, check_image_side, load_image, mix_seed
-from .data import resize_square, sample_query_box, scale_boxes
+from .data import MIN_IMAGE_SIDE, ImageReadError, check_image_side, load_image, resize_square, scale_boxes
 from .index import DEFAULT_LEVELS
 
 # %% auto #0
-__all__ = ['as_image', 'check_box', 'ReadOrReport', 'SceneCollate', 'embed_cells', 'embed_query', 'reference_crops']
+__all__ = ['as_image', 'check_box', 'ReadOrReport', 'SceneCollate', 'embed_cells', 'embed_query', 'embed_reference']
 
 # %% ../nbs/07a_embed.ipynb #5e75dff7
 def as_image(image,                        # an image path or a uint8 (3, H, W) tensor
@@ -96,36 +95,10 @@ def embed_query(model, image, box,   # image path or uint8 (3, H, W); box xywh i
 
 # %% ../nbs/07a_embed.ipynb #e4141aaf
 @torch.no_grad()
-def reference_crops(model,                 # LearnAndSearch
-                    images,                # Dataset of dicts with `image` (a gallery or a separate reference set)
-                    n:int=256,             # number of reference crops R
-                    image_size:int=256,    # scene side S
-                    query_size:int=64,     # crop side q
-                    seed:int=0,
-                    batch_size:int=32,
-                    skip_unreadable:bool=False,  # leave unreadable images out instead of raising
-                   )->tuple:               # embeddings (R', D) float32 CPU, source index in `images` (R',) long, skipped messages
-    "Embed `n` random query crops of randomly chosen `images`: the reference queries of the hubness-aware scores"
-    if n < 2: raise ValueError(f"reference crops need n >= 2, got {n}")
-    N = len(images)
-    if N == 0: raise ValueError("no images to draw reference crops from")
-    perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
-    src = perm[torch.arange(n) % N]                                          # distinct images first, then repeats
+def embed_reference(model,                # LearnAndSearch
+                    crops:Tensor,         # uint8 (R, 3, q, q) reference crops (`gallery.reference_crops`)
+                    batch_size:int=64,    # crops per forward pass
+                   )->Tensor:             # (R, D) float32 on CPU, L2-normalised
+    "Embed the reference `crops`, `batch_size` at a time on the model's device"
     device = next(model.parameters()).device
-    out, kept, skipped, reader = [], [], [], ReadOrReport(images)
-    for start in range(0, n, batch_size):
-        part = src[start:start + batch_size].tolist()
-        items = [reader[i] for i in part]
-        for i, it in zip(part, items):
-            if 'error' in it:
-                if not skip_unreadable: raise ImageReadError(f"{it['error']} (pass skip_unreadable=True / --skip-unreadable to leave it out)")
-                skipped.append(it['error'])
-        good = [(j, i, it) for j, (i, it) in enumerate(zip(part, items), start) if 'image' in it]
-        if not good: continue
-        scenes = torch.stack([resize_square(it['image'], image_size) for _, _, it in good]).to(device)   # (B, 3, S, S)
-        boxes = torch.stack([sample_query_box(image_size, image_size, torch.Generator().manual_seed(mix_seed(seed, j)))
-                             for j, _, _ in good]).to(device)                                             # (B, 4) xywh
-        out.append(model.embed_queries(crop_queries(scenes.float().div(255), boxes, query_size)).float().cpu())
-        kept += [i for _, i, _ in good]
-    if len(kept) < 2: raise ValueError(f"only {len(kept)} of {n} reference crops could be read: need >= 2")
-    return torch.cat(out), torch.tensor(kept, dtype=torch.long), skipped
+    return torch.cat([model.embed_queries(c.to(device).float().div(255)).float().cpu() for c in crops.split(batch_size)])

@@ -5,6 +5,7 @@
 # %% ../nbs/07c_search.ipynb #546ab8a2
 from __future__ import annotations
 import json, logging, math, sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import faiss
@@ -16,8 +17,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .data import ImageReadError, check_image_size, resize_square
-from .embed import (ReadOrReport, SceneCollate, as_image, check_box, embed_cells, embed_query,
-                    reference_crops)
+from .embed import ReadOrReport, SceneCollate, as_image, check_box, embed_cells, embed_query, embed_reference
+from .gallery import reference_crops
 from .hubness import SCORE_MODES
 from .index import (DEFAULT_LEVELS, CellLayout, adjusted_top_k, check_index_params, default_nlist,
     exact_adjusted_top_k, group_max, make_faiss_index, reference_image_stats)
@@ -32,8 +33,9 @@ _all_ = ['FORMAT', 'FORMAT_VERSION', 'IndexFormatError', 'as_image', 'check_box'
          'model_fingerprint']
 
 # %% auto #0
-__all__ = ['DEFAULT_SCORE', 'BLAS_THRESHOLD_PER_THREAD', 'SearchIndex', 'FORMAT', 'FORMAT_VERSION', 'IndexFormatError',
-           'as_image', 'check_box', 'SceneCollate', 'embed_cells', 'embed_query', 'model_fingerprint']
+__all__ = ['DEFAULT_SCORE', 'BLAS_THRESHOLD_PER_THREAD', 'SearchIndex', 'IndexSpec', 'FORMAT', 'FORMAT_VERSION',
+           'IndexFormatError', 'as_image', 'check_box', 'SceneCollate', 'embed_cells', 'embed_query',
+           'model_fingerprint']
 
 # %% ../nbs/07c_search.ipynb #542411dd
 DEFAULT_SCORE = 'max'   # validated (06c_hubness.select_score_mode, min_gain 0.01): no correction gained mAP; --score zscore|csls
@@ -297,58 +299,72 @@ SearchIndex._read_reference, SearchIndex.load = _read_reference, classmethod(_lo
 # %% ../nbs/07c_search.ipynb #598b774e
 _SKIP_HINT = "pass --skip-unreadable (skip_unreadable=True) to leave unreadable images out"
 
+@dataclass
+class IndexSpec:
+    "How `SearchIndex.build` indexes a gallery: levels, FAISS kind and parameters, scene size, reference crops, the run"
+    levels:tuple=DEFAULT_LEVELS    # pyramid levels whose cells are indexed
+    kind:str='flat'                # 'flat' (exact), 'ivf' or 'hnsw'
+    nlist:int|None=None            # ivf lists; None: default_nlist(cells in the gallery)
+    nprobe:int=16                  # ivf: lists scanned per query
+    M:int=32                       # hnsw: links per node
+    ef_search:int=64               # hnsw: search beam
+    ef_construction:int=40         # hnsw: build beam
+    train_cells:int|None=None      # ivf: cells to train on; None: 64 * nlist (from randomly chosen images)
+    image_size:int|None=None       # scene side S; None: the model's config, else 256
+    reference:int=256              # reference crops for the hubness-reduced scores; 0: none (score 'max' only)
+    reference_images:object=None   # Dataset to cut them from; None: the gallery (a crop's own image left out)
+    seed:int=0                     # chooses the ivf training images and the reference crops
+    batch_size:int=16              # images per forward pass
+    device:object=None             # None: the model's device
+    workers:int=0                  # DataLoader workers that read and resize images
+    skip_unreadable:bool=False     # leave unreadable images out (listed in `index.skipped`) instead of failing
+    progress:bool=True             # tqdm progress bar on stderr
+    def __post_init__(self):
+        self.levels = tuple(self.levels)
+        if self.batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.reference and self.reference < 2: raise ValueError(f"reference must be 0 (none) or >= 2 crops, got {self.reference}")
+
 def _build(cls,
-           model,                    # LearnAndSearch (its `dim`, `levels`, `config` are used)
-           images,                   # gallery Dataset of dicts with image, image_id, path (CocoImages, FolderImages)
-           levels=DEFAULT_LEVELS,    # pyramid levels whose cells are indexed
-           kind:str='flat',          # 'flat' (exact), 'ivf' or 'hnsw'
-           image_size:int=None,      # scene side S; None: the model's config, else 256
-           batch_size:int=16,        # images per forward pass
-           device=None,              # None: the model's device
-           workers:int=0,            # DataLoader workers that read and resize images
-           nlist:int=None,           # ivf lists; None: default_nlist(cells in the gallery)
-           nprobe:int=16, M:int=32, ef_search:int=64, ef_construction:int=40,
-           train_cells:int=None,     # ivf: cells to train on; None: 64 * nlist (from randomly chosen images)
-           seed:int=0,               # chooses the ivf training images and the reference crops
-           progress:bool=True,       # tqdm progress bar on stderr
-           reference:int=256,        # reference crops for the hubness-reduced scores; 0: none (score 'max' only)
-           reference_images=None,    # Dataset to cut them from; None: the gallery (a crop's own image left out)
-           skip_unreadable:bool=False,  # leave unreadable images out (listed in `index.skipped`) instead of failing
+           model,                  # LearnAndSearch (its `dim`, `levels`, `config` are used)
+           images,                 # gallery Dataset of dicts with image, image_id, path (CocoImages, FolderImages)
+           spec:IndexSpec=None,    # how to build; None: `IndexSpec()`
+           **fields,               # `IndexSpec` fields that override `spec`'s
           )->SearchIndex:
     "Embed a gallery, batch by batch, into a new `SearchIndex`, with reference statistics for hubness-reduced scores"
-    n, levels = len(images), tuple(levels)
+    s, n = replace(spec or IndexSpec(), **fields), len(images)
     if n == 0: raise ValueError("the gallery is empty: no images to index")
-    image_size = int(image_size or getattr(model, 'config', {}).get('image_size', 256))
+    image_size = int(s.image_size or getattr(model, 'config', {}).get('image_size', 256))
     check_image_size(image_size)
-    if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if reference and reference < 2: raise ValueError(f"reference must be 0 (none) or >= 2 crops, got {reference}")
-    device = torch.device(device) if device else next(model.parameters()).device
+    device = torch.device(s.device) if s.device else next(model.parameters()).device
     model = model.eval().to(device)
-    _, grids = embed_cells(model, torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device), levels)
+    _, grids = embed_cells(model, torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device), s.levels)
     C = sum(h*w for h, w in grids.values())
-    if kind == 'ivf' and nlist is None: nlist = default_nlist(n * C)
-    self = cls(model.dim, grids, image_size, kind, nlist, nprobe, M, ef_search, ef_construction,
+    nlist = default_nlist(n * C) if s.kind == 'ivf' and s.nlist is None else s.nlist
+    self = cls(model.dim, grids, image_size, s.kind, nlist, s.nprobe, s.M, s.ef_search, s.ef_construction,
                query_size=getattr(model, 'config', {}).get('query_size', 64))
     self.model, self.model_info = model, dict(config=getattr(model, 'config', {}), fingerprint=model_fingerprint(model))
     def batches(ds, desc):                      # (batch, cells) of the readable images of `ds`
-        dl = DataLoader(ReadOrReport(ds), batch_size=batch_size, num_workers=workers, collate_fn=SceneCollate(image_size))
-        for b in tqdm(dl, desc=desc, unit='batch', disable=not progress, file=sys.stderr):
-            if b['errors'] and not skip_unreadable: raise ImageReadError(f"{b['errors'][0]} ({_SKIP_HINT})")
+        dl = DataLoader(ReadOrReport(ds), batch_size=s.batch_size, num_workers=s.workers, collate_fn=SceneCollate(image_size))
+        for b in tqdm(dl, desc=desc, unit='batch', disable=not s.progress, file=sys.stderr):
+            if b['errors'] and not s.skip_unreadable: raise ImageReadError(f"{b['errors'][0]} ({_SKIP_HINT})")
             if desc == 'index': self.skipped += b['errors']
-            if len(b['scenes']): yield b, embed_cells(model, b['scenes'].to(device), levels)[0]
+            if len(b['scenes']): yield b, embed_cells(model, b['scenes'].to(device), s.levels)[0]
     if not self.is_trained:
-        n_train = min(n, math.ceil((train_cells or 64 * self.params['nlist']) / C))
-        pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_train].sort().values.tolist()
+        n_train = min(n, math.ceil((s.train_cells or 64 * self.params['nlist']) / C))
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed))[:n_train].sort().values.tolist()
         self.train(torch.cat([cells for _, cells in batches(Subset(images, pick), 'train ivf')]))
     kept = []                                   # dataset index of each added image = its gallery row
     for b, cells in batches(images, 'index'): self.add(cells, b['image_id'], b['path'], b['size']); kept += b['position']
     if not len(self): raise ImageReadError(f"none of the {n} gallery images could be read ({len(self.skipped)} skipped)")
     if self.skipped: _log.warning('left out %d unreadable gallery image(s): %s', len(self.skipped), '; '.join(self.skipped))
-    if reference:
-        src = Subset(images, kept) if reference_images is None else reference_images
-        q, rows, _ = reference_crops(model, src, reference, image_size, self.query_size, seed, 4 * batch_size, skip_unreadable)
-        self.set_reference(q, rows if reference_images is None else None,
-                           dict(origin='gallery' if reference_images is None else 'reference_images', crops=int(reference), seed=seed))
+    if s.reference:
+        own = s.reference_images is None        # cut from the gallery: Subset row = index row, so a crop's own image is known
+        ref = reference_crops(Subset(images, kept) if own else s.reference_images, s.reference, image_size, self.query_size,
+                              seed=s.seed, batch_size=4 * s.batch_size, skip_unreadable=s.skip_unreadable)
+        if len(ref.crops) < 2: raise ValueError(f"only {len(ref.crops)} of {s.reference} reference crops could be read: need >= 2")
+        self.set_reference(embed_reference(model, ref.crops, 4 * s.batch_size), ref.source if own else None,
+                           dict(origin='gallery' if own else 'reference_images', crops=int(s.reference), seed=s.seed,
+                                rule='gallery.reference_crops'))
         self.default_score = DEFAULT_SCORE
     return self
 

@@ -18,7 +18,7 @@ from .hubness import SCORE_MODES
 from .index import DEFAULT_LEVELS, KINDS
 from .index_store import check_index_target, index_lock
 from .models import load_model, model_fingerprint, random_init_model
-from .search import SearchIndex
+from .search import IndexSpec, SearchIndex
 from .utils import atomic_path, resolve_device, run_cli, script_entry
 
 # %% auto #0
@@ -118,7 +118,7 @@ def _parser()->argparse.ArgumentParser:
     return p
 
 # flag -> (argparse dest, smallest value); None values (unset optional flags) are not checked
-NUMERIC_FLAGS = {'--dim': ('dim', 1), '--seed': ('seed', 0), '--image-size': ('image_size', 64), '--batch-size': ('batch_size', 1),
+NUMERIC_FLAGS = {'--dim': ('dim', 1), '--seed': ('seed', 0), '--batch-size': ('batch_size', 1),
                  '--workers': ('workers', 0), '--nlist': ('nlist', 1), '--nprobe': ('nprobe', 1), '--M': ('M', 2),
                  '--ef-search': ('ef_search', 1), '--limit': ('limit', 1), '--reference': ('reference', 0),
                  '-k': ('k', 1), '--rerank': ('rerank', 0)}
@@ -158,9 +158,10 @@ def _build(a)->dict:
         skipped = [f'{p}: {why}' for p, why in images.skipped]   # files listed but missing, and images found unreadable
         if a.limit is not None: images = Subset(images, range(min(a.limit, len(images))))
         ref_images = opened(a.reference_images, a.reference_split or a.split) if a.reference_images else None
-        index = SearchIndex.build(model, images, levels, a.kind, a.image_size, a.batch_size, device, a.workers,
-                                  a.nlist, a.nprobe, a.M, a.ef_search, progress=not a.no_progress, reference=a.reference,
-                                  reference_images=ref_images, seed=a.seed, skip_unreadable=a.skip_unreadable)
+        spec = IndexSpec(levels, a.kind, nlist=a.nlist, nprobe=a.nprobe, M=a.M, ef_search=a.ef_search, image_size=a.image_size,
+                         reference=a.reference, reference_images=ref_images, seed=a.seed, batch_size=a.batch_size,
+                         device=device, workers=a.workers, skip_unreadable=a.skip_unreadable, progress=not a.no_progress)
+        index = SearchIndex.build(model, images, spec)
         skipped += index.skipped
         if skipped: print(f"las-search: left out {len(skipped)} unreadable image(s): " + '; '.join(skipped), file=sys.stderr)
         index.model_info['source'] = source

@@ -304,6 +304,25 @@ def test_invalid_ivf_and_hnsw_parameters_are_refused_at_build_time(tmp_path, cap
     with pytest.raises(ValueError, match='nprobe >= 1'): SearchIndex(16, GRIDS, kind='ivf', nlist=4, nprobe=0)
 
 
+def test_build_embeds_the_reference_crops_las_eval_cuts(built):
+    "las-search build's reference queries are the crops `gallery.reference_crops` cuts (those las-eval validates on), embedded"
+    from torch.utils.data import Subset
+    from learn_and_search.data import open_images
+    from learn_and_search.embed import embed_reference
+    from learn_and_search.evaluate import reference_crops as evaluate_crops
+    from learn_and_search.gallery import reference_crops
+    from learn_and_search.search_cli import model_from_source
+    out, _ = built
+    index = SearchIndex.load(out)
+    info, images = index.reference_info, Subset(open_images('synthetic', 'train2017'), range(12))   # the build's --limit 12
+    ref = reference_crops(images, info['crops'], index.image_size, index.query_size, seed=info['seed'])
+    assert info['rule'] == 'gallery.reference_crops' and len(ref.crops) == len(index.reference) == 256
+    assert torch.equal(ref.crops, evaluate_crops(images, info['crops'], index.image_size, index.query_size, seed=info['seed'])[0])
+    np.testing.assert_array_equal(index.reference_sources, ref.source.numpy())
+    want = F.normalize(embed_reference(model_from_source(index.model_info['source']), ref.crops), dim=-1).numpy()
+    np.testing.assert_allclose(index.reference, want, atol=1e-5)
+
+
 def test_every_numeric_flag_is_validated(built, tmp_path, capsys):
     "Table-driven: each numeric flag one below its lower bound is refused with one line naming it, before any work"
     out, _ = built
