@@ -11,14 +11,14 @@ from tqdm.auto import tqdm
 from .augment import JITTER, color_jitter, crop_queries, hard_queries, hard_query_params
 from .baselines import template_matching_hits, template_sizes, tile_histograms, to_uint8
 from .data import random_crop_queries, resize_square
-from .gallery import Gallery, reference_images
+from .gallery import Gallery
 from .grid import image_scores
 from .metrics import best_cells, sga_hits
 from .models import similarity_maps
 
 # %% auto #0
 __all__ = ['QUERY_PROTOCOLS', 'eval_query_params', 'eval_queries', 'LocalizationQueries', 'ObjectQueries', 'object_crops',
-           'reference_crops', 'RunQueries', 'PassConfig', 'MethodTally', 'BaselineTally', 'evaluation_pass']
+           'RunQueries', 'PassConfig', 'MethodTally', 'BaselineTally', 'evaluation_pass']
 
 # %% ../nbs/06b_eval_pass.ipynb #46dfdeb9
 QUERY_PROTOCOLS = ('standard', 'hard', 'both')
@@ -88,19 +88,6 @@ def object_crops(gallery:Gallery, n:int, image_size:int, query_size:int, batch_s
         crops[sel] = to_uint8(crop_queries(scenes[local], boxes[sel], query_size))
     return ObjectQueries(index, boxes, torch.tensor([int(q['category_id']) for q in obj]), crops)
 
-def reference_crops(images,                # image set the reference queries are cut from (not the gallery)
-                    n:int,                 # number of reference queries
-                    image_size:int, query_size:int,
-                    crop_frac:tuple=(0.10, 0.25),
-                    seed:int=0,
-                    exclude_ids:set=frozenset(),   # COCO ids not to use (the gallery's)
-                    batch_size:int=16,
-                   )->tuple:               # (uint8 (n, 3, q, q) crops, number of images left out for `exclude_ids`)
-    "One seeded random crop from each of `n` images of `images` (`gallery.reference_images`: cycling when there are fewer)"
-    idx, boxes, left_out = reference_images(images, n, image_size, crop_frac, seed, exclude_ids)
-    crops = [to_uint8(crop_queries(_scenes(images, idx[s:s + batch_size], image_size)[0], boxes[s:s + batch_size], query_size))
-             for s in range(0, n, batch_size)]
-    return (torch.cat(crops) if crops else torch.zeros(0, 3, query_size, query_size, dtype=torch.uint8)), left_out
 
 # %% ../nbs/06b_eval_pass.ipynb #64b90c38
 @dataclass

@@ -12,12 +12,12 @@ from torch import Tensor
 from .baselines import imagenet_features
 from .data import MAX_IMAGE_SIZE, CocoImages, check_image_size, open_images
 from .eval_cache import read_tally, tally_key, write_tally
-from .eval_pass import (
+from learn_and_search.eval_pass import (
     QUERY_PROTOCOLS, LocalizationQueries, MethodTally, PassConfig, RunQueries, eval_query_params, evaluation_pass,
-    object_crops, reference_crops)
+    object_crops)
 from .eval_report import (
     RunInfo, assemble_metrics, metrics_markdown, per_category_csv, per_query_csv, per_query_rows)
-from .gallery import Gallery, excluded_ids, open_gallery
+from .gallery import Gallery, excluded_ids, open_gallery, reference_crops
 from .hubness import reference_stats, select_score_mode
 from .loss import AntXentLoss
 from .metrics import MAX_BOOTSTRAP, relevance
@@ -84,8 +84,8 @@ def _run_queries(gallery:Gallery, n:int, s:EvalSettings, reference, validation, 
     ref, left_out = (None, 0)
     if reference is not None and s.n_reference and obj is not None:
         not_ref = {i for i in gallery.ids[:n] + (validation.ids if validation is not None else []) if i is not None}
-        ref, left_out = reference_crops(reference, s.n_reference, s.image_size, s.query_size, s.crop_frac, s.seed, not_ref,
-                                        s.batch_size)
+        cut = reference_crops(reference, s.n_reference, s.image_size, s.query_size, s.crop_frac, s.seed, not_ref, s.batch_size)
+        ref, left_out = cut.crops, cut.left_out
     elif obj is not None: notes['hubness_reduced'] = 'skipped: no reference images (give reference images that are not the gallery)'
     return RunQueries(LocalizationQueries.draw(n, s.image_size, s.queries_per_image, s.crop_frac, s.seed), obj, ref, left_out)
 
