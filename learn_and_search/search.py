@@ -20,7 +20,8 @@ from .data import ImageReadError, check_image_size, resize_square
 from .embed import ReadOrReport, SceneCollate, as_image, check_box, embed_cells, embed_query, embed_reference
 from .gallery import reference_crops
 from .hubness import SCORE_MODES
-from .index import (DEFAULT_LEVELS, CellLayout, adjusted_top_k, check_index_params, default_nlist,
+from .grid import CellLayout, image_scores
+from .index import (DEFAULT_LEVELS, adjusted_top_k, check_index_params, default_nlist,
     exact_adjusted_top_k, group_max, make_faiss_index, reference_image_stats)
 from learn_and_search.index_store import (FORMAT, FORMAT_VERSION, IndexFormatError, check_index_file, read_index_meta,
     write_index_folder)
@@ -150,8 +151,8 @@ def _rerank(self:SearchIndex, q:np.ndarray, rows:np.ndarray):  # exact group-max
         r = rows[i][rows[i] >= 0]
         labels = (r[:, None] * C + np.arange(C)).reshape(-1)                  # (R*C,) all cells of the candidates
         cells = self.index.reconstruct_batch(labels).reshape(len(r), C, -1)  # (R, C, D)
-        sim = cells @ q[i]                                                    # (R, C)
-        best, score = sim.argmax(1), sim.max(1)
+        top = image_scores(torch.from_numpy(q[i:i+1]), torch.from_numpy(cells), where=True)   # (1, R) each
+        score, best = top.score[0].numpy(), top.cell[0].numpy()
         order = np.argsort(-score, kind='stable')
         n = len(r)
         out_s[i, :n], out_r[i, :n], out_c[i, :n] = score[order], r[order], best[order]
