@@ -44,6 +44,7 @@ def pack_run(run_dir, figures_dir, archive, limit:int=ARCHIVE_LIMIT, log=partial
                      + ', '.join(n for _, n in left_out))
     return dict(archive=str(archive), files=len(members) - len(left_out), bytes=size, left_out=[n for _, n in left_out])
 
+# %% ../nbs/08_archive.ipynb #6ca5e747
 def unpack_run(archive, runs='runs', figures='figures')->list:
     "Extract a `pack_run` archive: its runs/ part under `runs`, its figures/ part under `figures`; returns the scales"
     scales = set()

@@ -104,6 +104,7 @@ def _execute_papermill(step:Step, run_dir:Path, kernel:str|None, cwd)->Path:
         raise StepFailed(step, e, failed if failed.exists() else None) from None
     return running
 
+# %% ../nbs/08_steps.ipynb #4c68d449
 class _Tee(io.TextIOBase):
     "Write to a log file and, when `echo`, to the terminal stream too"
     def __init__(self, f, stream, echo): self.f, self.stream, self.echo = f, stream, echo
@@ -131,6 +132,7 @@ def _execute_python(step:Step, run_dir:Path, echo:bool=False)->Path:
         raise StepFailed(step, err, failed) from None
     return running
 
+# %% ../nbs/08_steps.ipynb #2e93d535
 def _function_name(fn)->str|None:
     "`fn` as 'module:name' for the record"
     return fn if fn is None or isinstance(fn, str) else f"{fn.__module__}:{fn.__qualname__}"
