@@ -131,7 +131,7 @@ class LearnAndSearch(nn.Module):
         return similarity_maps(*self(crops, scenes))
 
 # %% ../nbs/04_models.ipynb #8a7e3a0d
-PROJECTION_HEAD_PRESETS = ('model4', 'robust')                       # those trained with MLP projection heads
+PROJECTION_HEAD_PRESETS = ('model4', 'robust')   # those of `augment.PRESET_NAMES` trained with MLP projection heads
 
 def _preset_name(preset)->str:
     return preset if isinstance(preset, str) else getattr(preset, 'name', preset)   # a name, or an object with `.name`
