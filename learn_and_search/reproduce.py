@@ -5,6 +5,7 @@
 # %% ../nbs/08_reproduce.ipynb #8881dcda
 from __future__ import annotations
 import argparse, json, os, sys, time
+from dataclasses import dataclass
 from pathlib import Path
 from .utils import RunLock, atomic_write, atomic_write_json, resolve_device, run_cli, script_entry
 from .augment import PRESET_NAMES
@@ -13,7 +14,7 @@ from .archive import pack_run, unpack_run
 
 # %% auto #0
 __all__ = ['MINI_PAIRS', 'MINI_K', 'SCALES', 'STANDALONE_TRAIN', 'check_scale', 'model_steps', 'snapshot_every', 'resolve_data',
-           'paper_notebooks', 'command_line', 'build_grid', 'train_model', 'evaluate_step', 'figures_step',
+           'paper_notebooks', 'command_line', 'GridSpec', 'build_grid', 'train_model', 'evaluate_step', 'figures_step',
            'write_figures_index', 'main']
 
 # %% ../nbs/08_reproduce.ipynb #f760b4a4
@@ -138,27 +139,53 @@ def command_line(scale:str, models=PRESET_NAMES, pairs:int|None=None)->str:
     return ' '.join(['las-reproduce', '--scale', scale, *(['--models', ','.join(models)] if list(models) != list(PRESET_NAMES) else []),
                      *(['--pairs', str(pairs)] if pairs else [])])
 
-def build_grid(scale:str='smoke', models=PRESET_NAMES, data:str|None=None, train_data:str|None=None,
-               device:str|None=None, seed:int|None=None, runs='runs', figures='figures',
-               notebooks=None, tiny:bool=False, pairs:int|None=None, train_extra:dict|None=None)->list:
-    "The steps of `scale`: train and evaluate each of `models`, then draw the figures"
-    check_scale(scale)
-    bad = [m for m in models if m not in PRESET_NAMES]
-    if bad or not models: raise ValueError(f"models must be a non-empty subset of {', '.join(PRESET_NAMES)}, got {list(models)}")
-    s = _tiny(SCALES[scale]) if tiny else SCALES[scale]
-    train_data, data = resolve_data(scale, data, train_data)
-    nbs, run_dir = Path(notebooks or paper_notebooks()), Path(runs)/scale
-    common = dict(seed=s['seed'] if seed is None else seed, device=device or s['device'])
+# %% ../nbs/08_reproduce.ipynb #e4b53c85
+@dataclass
+class GridSpec:
+    "What one `las-reproduce` command runs: a scale and its models, on which data and device, written where"
+    scale:str = 'smoke'              # one of `SCALES`
+    models:tuple = PRESET_NAMES      # a non-empty subset of `PRESET_NAMES`, in grid order
+    data:str|None = None             # evaluation data; None: the scale's (`resolve_data`)
+    train_data:str|None = None       # training data; None: the scale's (`resolve_data`)
+    device:str|None = None           # None: the scale's
+    seed:int|None = None             # seed of every step; None: the scale's
+    runs:str = 'runs'                # the run folder is runs/<scale>
+    figures:str = 'figures'          # the figures folder is figures/<scale>
+    notebooks:str|None = None        # folder of the paper notebooks; None: `paper_notebooks()`
+    tiny:bool = False                # seconds-long settings (`_tiny`), for tests
+    pairs:int|None = None            # training budget in query pairs (scales with a budget); None: the scale's
+    train_extra:dict|None = None     # further `TrainConfig` fields of every train step
+
+    def __post_init__(self):
+        check_scale(self.scale)
+        bad = [m for m in self.models if m not in PRESET_NAMES]
+        if bad or not self.models:
+            raise ValueError(f"models must be a non-empty subset of {', '.join(PRESET_NAMES)}, got {list(self.models)}")
+
+    @property
+    def run_dir(self)->Path: return Path(self.runs)/self.scale         # records, logs, checkpoints, metrics
+
+    @property
+    def figures_dir(self)->Path: return Path(self.figures)/self.scale  # tables, figures, README.md
+
+# %% ../nbs/08_reproduce.ipynb #80746edc
+def build_grid(spec:GridSpec)->list:
+    "The steps of `spec`: train and evaluate each of its models, then draw the figures"
+    scale, models, pairs = spec.scale, spec.models, spec.pairs
+    s = _tiny(SCALES[scale]) if spec.tiny else SCALES[scale]
+    train_data, data = resolve_data(scale, spec.data, spec.train_data)
+    nbs, run_dir = Path(spec.notebooks or paper_notebooks()), spec.run_dir
+    common = dict(seed=s['seed'] if spec.seed is None else spec.seed, device=spec.device or s['device'])
     geometry = dict(image_size=s['train']['image_size'], query_size=s['train']['query_size'])
     steps = []
     for i, m in enumerate(models):
         tr_out, ev_out = run_dir/'train'/m, run_dir/'eval'/m
         ckpt = str(tr_out/'checkpoints'/'last.pt')
-        n_steps = model_steps(scale, m, pairs, tiny)
+        n_steps = model_steps(scale, m, pairs, spec.tiny)
         every = snapshot_every(scale, m, n_steps)
         steps.append(Step(f'train-{m}', nbs/'train.ipynb',
                           {**s['train'], 'data': train_data, 'preset': m, 'steps': n_steps,
-                           **({'snapshot_every': every} if every else {}), **(train_extra or {}), **common, 'out': str(tr_out)},
+                           **({'snapshot_every': every} if every else {}), **(spec.train_extra or {}), **common, 'out': str(tr_out)},
                           [ckpt, str(tr_out/'metrics.jsonl'), str(tr_out/'config.json')], function=_FN + 'train_model',
                           resumable=True))   # interrupted (Ctrl-C, SIGTERM, a lost machine): the rerun resumes last.pt
         steps.append(Step(f'evaluate-{m}', nbs/'evaluate.ipynb',
@@ -170,7 +197,7 @@ def build_grid(scale:str='smoke', models=PRESET_NAMES, data:str|None=None, train
                           [str(ev_out/'metrics.json'), str(ev_out/'heatmaps.npz'), *([str(ev_out/'curve.json')] if every else [])],
                           [f'train-{m}'],
                           function=_FN + 'evaluate_step'))
-    fig_out = Path(figures)/scale
+    fig_out = spec.figures_dir
     steps.append(Step('figures', nbs/'figures.ipynb', {'runs': str(run_dir), 'models': list(models), 'grid': scale,
                       'data': data, 'split': s['evaluate']['split'], **geometry, 'k': s['figures']['k'],
                       'seed': common['seed'], 'command': command_line(scale, models, pairs), 'out': str(fig_out)},
@@ -290,7 +317,7 @@ def write_figures_index(figures)->Path:
 def _parser()->argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='las-reproduce', description='Regenerate the tables and figures of "Learn and Search" '
                                 'by running the parameterized notebooks of nbs/paper (papermill) or their library functions.')
-    p.add_argument('--scale', choices=list(SCALES), help='size of the run (default: smoke)')
+    p.add_argument('--scale', choices=list(SCALES), default='smoke', help='size of the run (default: smoke)')
     p.add_argument('--data', help="evaluation data: 'synthetic' or a COCO root with val2017 (default: per scale, COCO_ROOT)")
     p.add_argument('--train-data', help="training images: 'synthetic', a folder of images or a COCO root (default: per scale)")
     p.add_argument('--models', default=','.join(PRESET_NAMES), help=f"comma-separated subset of {', '.join(PRESET_NAMES)}")
@@ -319,7 +346,6 @@ def _default_runner()->str:
 
 def _main(argv=None)->int:
     p = _parser(); a = p.parse_args(argv)
-    scale = a.scale or 'smoke'
     if a.threads is not None and a.threads < 1: p.error(f'--threads must be >= 1, got {a.threads}')
     if a.pairs is not None and a.pairs < 1: p.error(f'--pairs must be >= 1, got {a.pairs}')
     if a.archive and a.from_archive: p.error('--archive and --from-archive exclude each other')
@@ -329,10 +355,11 @@ def _main(argv=None)->int:
         try: resolve_device(a.device)   # checked here, not in the first notebook a minute later
         except ValueError as e: p.error(f"--device: {e}")
     try:
-        steps = build_grid(scale, [m.strip() for m in a.models.split(',') if m.strip()], a.data, a.train_data,
-                           a.device, a.seed, a.runs, a.figures, a.notebooks, a.tiny, a.pairs)
+        spec = GridSpec(a.scale, [m.strip() for m in a.models.split(',') if m.strip()], a.data, a.train_data, a.device,
+                        a.seed, a.runs, a.figures, a.notebooks, a.tiny, a.pairs)
+        steps = build_grid(spec)
     except (ValueError, FileNotFoundError) as e: p.error(str(e))
-    run_dir, runner = Path(a.runs)/scale, a.runner or _default_runner()
+    run_dir, runner = spec.run_dir, a.runner or _default_runner()
     if a.threads:   # the kernels inherit the environment; torch reads it when it starts
         os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = str(a.threads)
     if a.dry_run:
@@ -343,7 +370,7 @@ def _main(argv=None)->int:
         if a.from_archive:
             if not Path(a.from_archive).is_file(): raise FileNotFoundError(f"archive not found: {a.from_archive}")
             found = unpack_run(a.from_archive, a.runs, a.figures)
-            if scale not in found: raise ValueError(f"archive {a.from_archive} holds scale(s) {', '.join(found)}, not {scale!r}: pass --scale")
+            if a.scale not in found: raise ValueError(f"archive {a.from_archive} holds scale(s) {', '.join(found)}, not {a.scale!r}: pass --scale")
             steps = steps[-1:]   # the figures step, from the unpacked records; no model needed
         if runner == 'python' and not a.runner: print("las-reproduce: papermill is not installed: running the steps' library functions (--runner python)")
         try: run_grid(steps, run_dir, force=a.force or bool(a.from_archive), kernel=a.kernel, runner=runner)
@@ -351,9 +378,9 @@ def _main(argv=None)->int:
             print(e, file=sys.stderr); return 1
         write_figures_index(a.figures)
         if a.archive:
-            info = pack_run(run_dir, Path(a.figures)/scale, a.archive)
+            info = pack_run(run_dir, spec.figures_dir, a.archive)
             print(f"archive {info['archive']}: {info['files']} files, {info['bytes'] / 2**20:.2f} MiB")
-    print(f"done in {time.perf_counter() - t0:.0f} s: tables and figures in {Path(a.figures)/scale}/ "
+    print(f"done in {time.perf_counter() - t0:.0f} s: tables and figures in {spec.figures_dir}/ "
           f"(README.md), {'executed notebooks' if runner == 'papermill' else 'logs'} and checkpoints in {run_dir}/")
     return 0
 
