@@ -2,8 +2,7 @@
 VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
-PRESET ?=
-SCALE  ?= $(if $(PRESET),$(PRESET),smoke)
+SCALE  ?= smoke
 DATA   ?=
 
 .PHONY: install browser reproduce test export readme gpu-stage
@@ -25,8 +24,7 @@ browser:  ## Debian's headless Chromium and its driver, for the browser test of 
 	  || echo "make: could not install chromium: tests/test_app.py will be skipped"; \
 	else echo "make: chromium and chromedriver are absent and apt-get needs root: tests/test_app.py will be skipped"; fi
 
-reproduce: install  ## SCALE=smoke|mini|gpu|paper (PRESET= is the deprecated name of SCALE=)
-	$(if $(PRESET),@echo "make: PRESET= is deprecated: use SCALE=$(PRESET)" >&2,)
+reproduce: install  ## SCALE=smoke|mini|gpu|paper
 	$(VENV)/bin/las-reproduce --scale $(SCALE) $(if $(DATA),--data $(DATA),)
 
 test: install  ## every notebook and tests/: about 22 minutes on 2 idle CPU cores (AMD EPYC)

@@ -10,9 +10,9 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['JITTER', 'BLUR_SIGMA', 'PRESETS', 'INTERPOLATIONS', 'HARD_QUERIES', 'HARD_BLUR_KERNEL', 'Preset', 'get_preset',
-           'crop_affine', 'crop_queries', 'resize_images', 'rgb_to_hsv', 'hsv_to_rgb', 'color_jitter', 'gaussian_blur',
-           'QueryAugment', 'hard_query_params', 'hard_queries']
+__all__ = ['JITTER', 'BLUR_SIGMA', 'PRESETS', 'PRESET_NAMES', 'INTERPOLATIONS', 'HARD_QUERIES', 'HARD_BLUR_KERNEL', 'Preset',
+           'get_preset', 'crop_affine', 'crop_queries', 'resize_images', 'rgb_to_hsv', 'hsv_to_rgb', 'color_jitter',
+           'gaussian_blur', 'QueryAugment', 'hard_query_params', 'hard_queries']
 
 # %% ../nbs/02_augment.ipynb #2bd36d70
 JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue strengths (SimCLR's 0.8 * s with s = 0.5)
@@ -35,6 +35,7 @@ _m2 = replace(_m1, name='model2', color_jitter=JITTER)
 _m3 = replace(_m2, name='model3', blur=BLUR_SIGMA, random_interpolation=True)
 _m4 = replace(_m3, name='model4')   # model3's augmentations; the model adds projection heads (see models)
 PRESETS = {p.name: p for p in (_m1, _m2, _m3, _m4, replace(_m4, name='robust', rotation=25., scale_jitter=(0.8, 1.2)))}
+PRESET_NAMES = tuple(PRESETS)   # the paper's four models and robust, in order: the one list of model names (models, reproduce)
 
 def get_preset(name:str|Preset)->Preset:
     "The `Preset` called `name` (a `Preset` passes through)"

@@ -11,13 +11,13 @@ import torchvision.models as tvm
 from torch import Tensor
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from .augment import PRESET_NAMES
 from .checkpoint import load_checkpoint, read_torch_file
 
 # %% auto #0
-__all__ = ['LEVELS', 'ARCHS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'PRESET_NAMES', 'PROJECTION_HEAD_PRESETS', 'MODEL_CONFIG_KEYS',
-           'check_arch', 'imagenet_weights', 'build_resnet', 'ImageNetNorm', 'CropEncoder', 'check_levels',
-           'SceneEncoder', 'similarity_maps', 'LearnAndSearch', 'create_model', 'random_init_model', 'load_model',
-           'model_fingerprint']
+__all__ = ['LEVELS', 'ARCHS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'PROJECTION_HEAD_PRESETS', 'MODEL_CONFIG_KEYS', 'check_arch',
+           'imagenet_weights', 'build_resnet', 'ImageNetNorm', 'CropEncoder', 'check_levels', 'SceneEncoder',
+           'similarity_maps', 'LearnAndSearch', 'create_model', 'random_init_model', 'load_model', 'model_fingerprint']
 
 # %% ../nbs/04_models.ipynb #7076d214
 LEVELS = ('P3', 'P4', 'P5', 'P6', 'P7')        # FPN levels, nominal strides 8, 16, 32, 64, 128
@@ -131,8 +131,7 @@ class LearnAndSearch(nn.Module):
         return similarity_maps(*self(crops, scenes))
 
 # %% ../nbs/04_models.ipynb #8a7e3a0d
-PRESET_NAMES = ('model1', 'model2', 'model3', 'model4', 'robust')   # the paper's presets (augment.PRESETS has their recipes)
-PROJECTION_HEAD_PRESETS = ('model4', 'robust')                       # those trained with MLP projection heads
+PROJECTION_HEAD_PRESETS = ('model4', 'robust')   # those of `augment.PRESET_NAMES` trained with MLP projection heads
 
 def _preset_name(preset)->str:
     return preset if isinstance(preset, str) else getattr(preset, 'name', preset)   # a name, or an object with `.name`

@@ -4,22 +4,20 @@
 
 # %% ../nbs/08_reproduce.ipynb #8881dcda
 from __future__ import annotations
-import argparse, contextlib, hashlib, io, json, os, platform, sys, tarfile, time, traceback
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+import argparse, json, os, sys, time
+from dataclasses import dataclass
 from pathlib import Path
-from .utils import RunLock, atomic_path, atomic_write, atomic_write_json, resolve_device, run_cli, script_entry
+from .utils import RunLock, atomic_write, atomic_write_json, resolve_device, run_cli, script_entry
+from .augment import PRESET_NAMES
+from .steps import RUNNERS, Step, StepFailed, format_parameters, run_grid
+from .archive import pack_run, unpack_run
 
 # %% auto #0
-__all__ = ['MODELS', 'MINI_PAIRS', 'MINI_K', 'SCALES', 'PRESETS', 'RUNNERS', 'ARCHIVE_LIMIT', 'OPTIONAL', 'check_scale',
-           'model_steps', 'snapshot_every', 'resolve_data', 'Step', 'paper_notebooks', 'command_line', 'build_grid',
-           'canonical_json', 'notebook_hash', 'step_hash', 'read_record', 'is_done', 'StepFailed', 'step_function',
-           'run_step', 'run_grid', 'train_step', 'evaluate_step', 'figures_step', 'pack_run', 'unpack_run',
+__all__ = ['MINI_PAIRS', 'MINI_K', 'SCALES', 'STANDALONE_TRAIN', 'check_scale', 'model_steps', 'snapshot_every', 'resolve_data',
+           'paper_notebooks', 'command_line', 'GridSpec', 'build_grid', 'train_model', 'evaluate_step', 'figures_step',
            'write_figures_index', 'main']
 
 # %% ../nbs/08_reproduce.ipynb #f760b4a4
-MODELS = ('model1', 'model2', 'model3', 'model4', 'robust')   # the paper's four training presets and the robust one
-
 MINI_PAIRS, MINI_K = 450_000, 16  # the mini budget in query pairs and queries per scene: see the table in figures/mini
 _GEOMETRY_128 = dict(split='train2017', arch='resnet18', dim=128, image_size=128, query_size=32, epochs=1, lr=1e-3,
                      limit_images=None, cache=True)
@@ -60,7 +58,6 @@ SCALES = {
         evaluate=dict(data=None, split='val2017,train2017', queries='both', baselines=True, max_images=None),
         figures=dict(n_examples=6, n_queries=8, k=10)),
 }
-PRESETS = SCALES   # the old name of `SCALES` (las-reproduce --preset), kept for old callers
 
 def check_scale(scale:str)->str:
     "`scale` if it names one of `SCALES`, else a ValueError listing them"
@@ -130,52 +127,66 @@ def resolve_data(scale:str,               # 'smoke', 'mini', 'gpu' or 'paper'
         if p != 'synthetic' and not Path(p).exists(): raise FileNotFoundError(f"data folder {p} of scale {scale!r} does not exist")
     return train_data, data
 
-# %% ../nbs/08_reproduce.ipynb #063f1499
-@dataclass
-class Step:
-    "One run of `notebook` (or of `function`, the same work in plain Python) with `parameters`; done when `outputs` exist"
-    name:str                                  # unique within a grid, also the record's file name
-    notebook:Path                             # the parameterized notebook
-    parameters:dict                           # injected after the cell tagged `parameters`
-    outputs:list = field(default_factory=list) # files the run must write
-    after:list = field(default_factory=list)   # names of the steps it reads from
-    function:object = None                     # the library function the notebook calls: 'module:name' or a callable
-    resumable:bool = False                     # an interrupted run continues from its outputs (training: last.pt)
-
+# %% ../nbs/08_reproduce.ipynb #71f7799c
 def paper_notebooks()->Path:
     "Folder of the parameterized paper notebooks (`nbs/paper` of the repository)"
     return _repo_root()/'nbs'/'paper'
 
-# %% ../nbs/08_reproduce.ipynb #71f7799c
 _FN = 'learn_and_search.reproduce:'
 
-def command_line(scale:str, models=MODELS, pairs:int|None=None)->str:
+def command_line(scale:str, models=PRESET_NAMES, pairs:int|None=None)->str:
     "The `las-reproduce` command that runs `scale` for `models` with `pairs`, as a README names it"
-    return ' '.join(['las-reproduce', '--scale', scale, *(['--models', ','.join(models)] if list(models) != list(MODELS) else []),
+    return ' '.join(['las-reproduce', '--scale', scale, *(['--models', ','.join(models)] if list(models) != list(PRESET_NAMES) else []),
                      *(['--pairs', str(pairs)] if pairs else [])])
 
-def build_grid(scale:str='smoke', models=MODELS, data:str|None=None, train_data:str|None=None,
-               device:str|None=None, seed:int|None=None, runs='runs', figures='figures',
-               notebooks=None, tiny:bool=False, pairs:int|None=None, train_extra:dict|None=None)->list:
-    "The steps of `scale`: train and evaluate each of `models`, then draw the figures"
-    check_scale(scale)
-    bad = [m for m in models if m not in MODELS]
-    if bad or not models: raise ValueError(f"models must be a non-empty subset of {', '.join(MODELS)}, got {list(models)}")
-    s = _tiny(SCALES[scale]) if tiny else SCALES[scale]
-    train_data, data = resolve_data(scale, data, train_data)
-    nbs, run_dir = Path(notebooks or paper_notebooks()), Path(runs)/scale
-    common = dict(seed=s['seed'] if seed is None else seed, device=device or s['device'])
+# %% ../nbs/08_reproduce.ipynb #e4b53c85
+@dataclass
+class GridSpec:
+    "What one `las-reproduce` command runs: a scale and its models, on which data and device, written where"
+    scale:str = 'smoke'              # one of `SCALES`
+    models:tuple = PRESET_NAMES      # a non-empty subset of `PRESET_NAMES`, in grid order
+    data:str|None = None             # evaluation data; None: the scale's (`resolve_data`)
+    train_data:str|None = None       # training data; None: the scale's (`resolve_data`)
+    device:str|None = None           # None: the scale's
+    seed:int|None = None             # seed of every step; None: the scale's
+    runs:str = 'runs'                # the run folder is runs/<scale>
+    figures:str = 'figures'          # the figures folder is figures/<scale>
+    notebooks:str|None = None        # folder of the paper notebooks; None: `paper_notebooks()`
+    tiny:bool = False                # seconds-long settings (`_tiny`), for tests
+    pairs:int|None = None            # training budget in query pairs (scales with a budget); None: the scale's
+    train_extra:dict|None = None     # further `TrainConfig` fields of every train step
+
+    def __post_init__(self):
+        check_scale(self.scale)
+        bad = [m for m in self.models if m not in PRESET_NAMES]
+        if bad or not self.models:
+            raise ValueError(f"models must be a non-empty subset of {', '.join(PRESET_NAMES)}, got {list(self.models)}")
+
+    @property
+    def run_dir(self)->Path: return Path(self.runs)/self.scale         # records, logs, checkpoints, metrics
+
+    @property
+    def figures_dir(self)->Path: return Path(self.figures)/self.scale  # tables, figures, README.md
+
+# %% ../nbs/08_reproduce.ipynb #80746edc
+def build_grid(spec:GridSpec)->list:
+    "The steps of `spec`: train and evaluate each of its models, then draw the figures"
+    scale, models, pairs = spec.scale, spec.models, spec.pairs
+    s = _tiny(SCALES[scale]) if spec.tiny else SCALES[scale]
+    train_data, data = resolve_data(scale, spec.data, spec.train_data)
+    nbs, run_dir = Path(spec.notebooks or paper_notebooks()), spec.run_dir
+    common = dict(seed=s['seed'] if spec.seed is None else spec.seed, device=spec.device or s['device'])
     geometry = dict(image_size=s['train']['image_size'], query_size=s['train']['query_size'])
     steps = []
     for i, m in enumerate(models):
         tr_out, ev_out = run_dir/'train'/m, run_dir/'eval'/m
         ckpt = str(tr_out/'checkpoints'/'last.pt')
-        n_steps = model_steps(scale, m, pairs, tiny)
+        n_steps = model_steps(scale, m, pairs, spec.tiny)
         every = snapshot_every(scale, m, n_steps)
         steps.append(Step(f'train-{m}', nbs/'train.ipynb',
                           {**s['train'], 'data': train_data, 'preset': m, 'steps': n_steps,
-                           **({'snapshot_every': every} if every else {}), **(train_extra or {}), **common, 'out': str(tr_out)},
-                          [ckpt, str(tr_out/'metrics.jsonl'), str(tr_out/'config.json')], function=_FN + 'train_step',
+                           **({'snapshot_every': every} if every else {}), **(spec.train_extra or {}), **common, 'out': str(tr_out)},
+                          [ckpt, str(tr_out/'metrics.jsonl'), str(tr_out/'config.json')], function=_FN + 'train_model',
                           resumable=True))   # interrupted (Ctrl-C, SIGTERM, a lost machine): the rerun resumes last.pt
         steps.append(Step(f'evaluate-{m}', nbs/'evaluate.ipynb',
                           {'checkpoint': ckpt, **s['evaluate'], 'baselines': s['evaluate']['baselines'] and i == 0,
@@ -186,184 +197,27 @@ def build_grid(scale:str='smoke', models=MODELS, data:str|None=None, train_data:
                           [str(ev_out/'metrics.json'), str(ev_out/'heatmaps.npz'), *([str(ev_out/'curve.json')] if every else [])],
                           [f'train-{m}'],
                           function=_FN + 'evaluate_step'))
-    fig_out = Path(figures)/scale
+    fig_out = spec.figures_dir
     steps.append(Step('figures', nbs/'figures.ipynb', {'runs': str(run_dir), 'models': list(models), 'grid': scale,
                       'data': data, 'split': s['evaluate']['split'], **geometry, 'k': s['figures']['k'],
                       'seed': common['seed'], 'command': command_line(scale, models, pairs), 'out': str(fig_out)},
                       [str(fig_out/'README.md')], [st.name for st in steps], function=_FN + 'figures_step'))
     return steps
 
-# %% ../nbs/08_reproduce.ipynb #8fe93a56
-def canonical_json(obj)->str:
-    "`obj` as JSON with sorted keys and no whitespace: equal values give equal strings"
-    return json.dumps(obj, sort_keys=True, separators=(',', ':'), ensure_ascii=False, default=str)
-
-def notebook_hash(path)->str:
-    "sha256 of the cell types and sources of the notebook at `path` (outputs and metadata ignored)"
-    try: nb = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e: raise ValueError(f"cannot read notebook {path}: {e}") from None
-    cells = [(c['cell_type'], ''.join(c['source']) if isinstance(c['source'], list) else c['source']) for c in nb['cells']]
-    return hashlib.sha256(canonical_json(cells).encode()).hexdigest()
-
-def step_hash(step:Step, upstream:dict={})->str:
-    "Hash of `step`'s parameters, notebook content and the hashes of the steps in `upstream` (name -> hash) it reads from"
-    key = dict(notebook=notebook_hash(step.notebook), parameters=step.parameters,
-               after={n: upstream.get(n) for n in step.after})
-    return hashlib.sha256(canonical_json(key).encode()).hexdigest()
-
-# %% ../nbs/08_reproduce.ipynb #a89729fe
-def read_record(run_dir, name:str)->dict|None:
-    "The record of step `name` in `run_dir`, or None when missing or unreadable"
-    try: return json.loads((Path(run_dir)/f'{name}.json').read_text())
-    except (OSError, ValueError): return None
-
-def is_done(step:Step, h:str, run_dir)->bool:
-    "True when `step` has a record with hash `h`, its executed notebook or log, and all its outputs"
-    rec = read_record(run_dir, step.name)
-    if rec is None or rec.get('hash') != h: return False
-    trace = Path(run_dir)/f"{step.name}.{'log' if rec.get('runner') == 'python' else 'ipynb'}"
-    return trace.exists() and all(Path(o).exists() for o in step.outputs)
-
-# %% ../nbs/08_reproduce.ipynb #79f19aa1
-RUNNERS = ('papermill', 'python')
-
-def _fmt_params(parameters:dict)->str:
-    "`parameters` as `key=value` pairs on one line"
-    return ' '.join(f'{k}={v!r}' if isinstance(v, str) else f'{k}={v}' for k, v in parameters.items())
-
-class StepFailed(RuntimeError):
-    "A step of the grid failed; the message names the notebook, its parameters and the failing cell"
-    def __init__(self, step:Step, cause:BaseException, record=None):
-        self.step, self.cause, self.record = step, cause, record
-        lines = [f"step {step.name!r} failed", f"  notebook:   {step.notebook}", f"  parameters: {_fmt_params(step.parameters)}"]
-        if hasattr(cause, 'ename'):   # papermill.PapermillExecutionError
-            src = (cause.source or '').splitlines()
-            lines += [f"  cell:       In [{cause.exec_count}] of the executed notebook (the injected parameters cell counts):"]
-            lines += [f"      | {l}" for l in src[:12]] + (["      | ..."] if len(src) > 12 else [])
-            lines.append(f"  error:      {cause.ename}: {cause.evalue}")
-        else: lines.append(f"  error:      {type(cause).__name__}: {cause}")
-        if record: lines.append(f"  {'executed notebook' if str(record).endswith('.ipynb') else 'log'} kept at {record}")
-        lines.append("Finished steps are kept: fix the cause and run the same command again to resume.")
-        super().__init__('\n'.join(lines))
-
-def step_function(step:Step):
-    "The library function behind `step` (its `function`: a callable or 'module:name')"
-    import importlib
-    if callable(step.function): return step.function
-    if not step.function: raise ValueError(f"step {step.name!r} has no library function: run it with papermill")
-    mod, _, name = step.function.partition(':')
-    try: return getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e: raise ValueError(f"step {step.name!r}: cannot load {step.function}: {e}") from None
-
-# %% ../nbs/08_reproduce.ipynb #db1c2e3e
-def _execute_papermill(step:Step, run_dir:Path, kernel:str|None, cwd)->Path:
-    "Execute `step`'s notebook with papermill; returns the executed notebook"
-    import papermill as pm   # ~3 s to import: `--dry-run` and importing this module shouldn't pay it
-    running, failed = run_dir/f'{step.name}.running.ipynb', run_dir/f'{step.name}.failed.ipynb'
-    unknown = sorted(set(step.parameters) - set(pm.inspect_notebook(str(step.notebook))))
-    if unknown:   # papermill would only warn, and the run would silently use the notebook's default
-        raise StepFailed(step, ValueError(f"notebook {step.notebook} has no parameter {', '.join(unknown)} in its cell tagged 'parameters'"))
-    try:
-        pm.execute_notebook(str(step.notebook), str(running), parameters=step.parameters, kernel_name=kernel,
-                            progress_bar=False, log_output=False, cwd=str(cwd or Path.cwd()))
-    except Exception as e:
-        if running.exists(): os.replace(running, failed)
-        raise StepFailed(step, e, failed if failed.exists() else None) from None
-    return running
-
-class _Tee(io.TextIOBase):
-    "Write to a log file and, when `echo`, to the terminal stream too"
-    def __init__(self, f, stream, echo): self.f, self.stream, self.echo = f, stream, echo
-    def write(self, s):
-        self.f.write(s)
-        if self.echo: self.stream.write(s)
-        return len(s)
-    def flush(self):
-        self.f.flush()
-        if self.echo: self.stream.flush()
-
-def _execute_python(step:Step, run_dir:Path, echo:bool=False)->Path:
-    "Call `step`'s library function with its parameters, its output going to `<step>.running.log`; returns that log"
-    fn = step_function(step)
-    running, failed = run_dir/f'{step.name}.running.log', run_dir/f'{step.name}.failed.log'
-    with open(running, 'w') as f, contextlib.redirect_stdout(_Tee(f, sys.stdout, echo)), \
-         contextlib.redirect_stderr(_Tee(f, sys.stderr, echo)):
-        try: fn(**step.parameters)
-        except Exception as e:
-            traceback.print_exc(file=f)
-            err = e
-        else: err = None
-    if err is not None:
-        os.replace(running, failed)
-        raise StepFailed(step, err, failed) from None
-    return running
-
-def _function_name(fn)->str|None:
-    "`fn` as 'module:name' for the record"
-    return fn if fn is None or isinstance(fn, str) else f"{fn.__module__}:{fn.__qualname__}"
-
-def run_step(step:Step, run_dir, h:str, kernel:str|None=None, cwd=None, runner:str='papermill', echo:bool=False)->float:
-    "Execute `step` with `runner` ('papermill' or 'python'), check its outputs and write its record; returns the elapsed seconds"
-    if runner not in RUNNERS: raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
-    run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
-    ext = 'ipynb' if runner == 'papermill' else 'log'
-    (run_dir/f'{step.name}.json').unlink(missing_ok=True)   # no record until this run has finished
-    started = run_dir/f'{step.name}.started'                # the hash of an attempt that did not finish
-    resume = step.resumable and started.is_file() and started.read_text() == h
-    if not resume:
-        for o in step.outputs: Path(o).unlink(missing_ok=True)  # stale outputs must not pass for this run's
-    atomic_write(started, h)
-    if not Path(step.notebook).exists(): raise StepFailed(step, FileNotFoundError(f"notebook {step.notebook} does not exist"))
-    t0 = time.perf_counter()
-    running = _execute_papermill(step, run_dir, kernel, cwd) if runner == 'papermill' else _execute_python(step, run_dir, echo)
-    elapsed = time.perf_counter() - t0
-    failed = run_dir/f'{step.name}.failed.{ext}'
-    missing = [o for o in step.outputs if not Path(o).exists()]
-    if missing:
-        os.replace(running, failed)
-        raise StepFailed(step, FileNotFoundError(f"the step finished but did not write {', '.join(missing)}"), failed)
-    os.replace(running, run_dir/f'{step.name}.{ext}')
-    failed.unlink(missing_ok=True); started.unlink()
-    atomic_write_json(run_dir/f'{step.name}.json', dict(
-        step=step.name, notebook=str(step.notebook), parameters=step.parameters, hash=h, after=step.after,
-        outputs=step.outputs, elapsed_s=round(elapsed, 2), finished=datetime.now(timezone.utc).isoformat(timespec='seconds'),
-        machine=platform.node(), runner=runner, function=_function_name(step.function)))
-    return elapsed
-
-# %% ../nbs/08_reproduce.ipynb #f7d18048
-def _log(msg:str):
-    "Print `msg` at once (the steps run for minutes)"
-    print(msg, flush=True)
-
-def run_grid(steps:list, run_dir, force:bool=False, kernel:str|None=None, log=_log, runner:str='papermill',
-             echo:bool=False)->dict:
-    "Run `steps` in order, skipping those that are up to date unless `force`; returns name -> 'ran' | 'skipped'"
-    hashes, status, n = {}, {}, len(steps)
-    for i, st in enumerate(steps, 1):
-        try: h = hashes[st.name] = step_hash(st, hashes)
-        except ValueError as e: raise StepFailed(st, e) from None
-        stale = any(status.get(a) == 'ran' for a in st.after)
-        if not force and not stale and is_done(st, h, run_dir):
-            log(f"[{i}/{n}] {st.name}: up to date, skipped (hash {h[:10]})"); status[st.name] = 'skipped'; continue
-        log(f"[{i}/{n}] {st.name}: running {st.notebook if runner == 'papermill' else _function_name(st.function)} {_fmt_params(st.parameters)}")
-        elapsed = run_step(st, run_dir, h, kernel=kernel, runner=runner, echo=echo)
-        log(f"[{i}/{n}] {st.name}: done in {elapsed:.1f} s")
-        status[st.name] = 'ran'
-    return status
-
 # %% ../nbs/08_reproduce.ipynb #0a55cf8d
-def train_step(data='synthetic', split='train2017', preset='model1', arch='resnet18', dim=64, image_size=64,
-               query_size=32, epochs=1, steps=2, batch_size=4, lr=1e-3, workers=0, limit_images=8, cache=False, seed=0,
-               device='cpu', out=None, **extra)->dict:
-    "Train one preset (the work of `nbs/paper/train.ipynb`); `extra` are further `TrainConfig` fields"
+STANDALONE_TRAIN = dict(data='synthetic', split='train2017', preset='model1', arch='resnet18', dim=64, image_size=64,
+                        query_size=32, epochs=1, steps=2, batch_size=4, lr=1e-3, workers=0, limit_images=8, cache=False,
+                        seed=0, device='cpu')   # seconds on a CPU: the defaults of `train_model` and nbs/paper/train.ipynb
+
+def train_model(out=None,   # the run folder (a rerun continues its last.pt); None: a new temporary folder
+                **fields,   # `TrainConfig` fields over `STANDALONE_TRAIN`
+               )->dict:     # what `train.train` returns: step, checkpoint, metrics
+    "Train one preset, a whole run (the work of `nbs/paper/train.ipynb`)"
     import tempfile
     from learn_and_search.train import TrainConfig, train
     out = out or tempfile.mkdtemp(prefix='las-train-')
-    extra.setdefault('resume_if_exists', True)   # a grid step rerun after an interruption continues its last.pt
-    config = TrainConfig.from_dict(dict(data=data, split=split, preset=preset, arch=arch, dim=dim, image_size=image_size,
-                                        query_size=query_size, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr,
-                                        workers=workers, limit_images=limit_images, cache=cache, seed=seed, device=device,
-                                        out=str(out), **extra))
+    config = TrainConfig.from_dict({**STANDALONE_TRAIN, 'resume_if_exists': True,   # a grid step rerun after an interruption
+                                    **fields, 'out': str(out)})
     config.validate()
     return train(config)
 
@@ -380,8 +234,8 @@ def evaluate_step(checkpoint=None, data='synthetic', split='val2017', image_size
     import learn_and_search.figures as F
     out = Path(out or tempfile.mkdtemp(prefix='las-eval-'))
     if checkpoint is None:   # standalone run: a two-step model on synthetic scenes
-        checkpoint = train_step(dim=32, image_size=image_size or 64, query_size=query_size or 32, seed=seed,
-                                device=device, out=str(out/'_train'))['checkpoint']
+        checkpoint = train_model(dim=32, image_size=image_size or 64, query_size=query_size or 32, seed=seed,
+                                 device=device, out=str(out/'_train'))['checkpoint']
     dev = resolve_device(device)
     model = load_model(checkpoint, map_location=dev)
     S, q = image_size or model.config['image_size'], query_size or model.config['query_size']
@@ -429,8 +283,8 @@ def figures_step(runs=None, models=('model1',), grid='standalone', data='synthet
     if runs is None:   # standalone: a tiny run of its own
         runs = Path(tempfile.mkdtemp(prefix='las-run-'))
         for m in models:
-            ck = train_step(preset=m, dim=32, image_size=image_size, query_size=query_size, seed=seed, device=device,
-                            out=str(runs/'train'/m))['checkpoint']
+            ck = train_model(preset=m, dim=32, image_size=image_size, query_size=query_size, seed=seed, device=device,
+                             out=str(runs/'train'/m))['checkpoint']
             evaluate_step(ck, data, split, image_size, query_size, max_images=8, k=k, seed=seed, device=device,
                           out=str(runs/'eval'/m))
     run = F.read_run(runs, models)
@@ -439,55 +293,6 @@ def figures_step(runs=None, models=('model1',), grid='standalone', data='synthet
     command = f'`{command}`' if command else f"`las-reproduce --scale {grid}`" if scale else '`nbs/paper/figures.ipynb` with its defaults'
     return F.render_run(run, out, grid, about, command, data, split, seed, k, paper_scale=grid == "paper",
                         targets=scale.get('targets') if scale else None)
-
-# %% ../nbs/08_reproduce.ipynb #2a549ff2
-ARCHIVE_LIMIT = 16 * 2**20   # bytes a device run may send back in one file
-OPTIONAL = ('per_query.csv',)  # left out, largest first, when an archive would be over its limit
-
-def _packable(p:Path, figures:bool=False)->bool:
-    "Whether file `p` belongs in an archive (not a checkpoint, lock, partial file, or a figure the CPU redraws)"
-    return (p.is_file() and p.suffix != '.pt' and '.running.' not in p.name and not p.name.startswith('.')
-            and not (figures and p.suffix in ('.png', '.svg')))
-
-def _write_archive(path, members:list):
-    "A .tar.gz at `path` holding `members` (file, name in the archive)"
-    with tarfile.open(path, 'w:gz') as tar:
-        for p, name in members: tar.add(p, name)
-
-def pack_run(run_dir, figures_dir, archive, limit:int=ARCHIVE_LIMIT, log=_log)->dict:
-    "Write `archive` (.tar.gz) of `run_dir` (no checkpoints) and `figures_dir` (tables, README); returns counts and size"
-    run_dir, figures_dir = Path(run_dir), Path(figures_dir)
-    members = [(p, f'{prefix}/{root.name}/{p.relative_to(root)}') for root, prefix in ((run_dir, 'runs'), (figures_dir, 'figures'))
-               if root.is_dir() for p in sorted(root.rglob('*')) if _packable(p, prefix == 'figures')]
-    optional = sorted((m for m in members if m[0].name in OPTIONAL), key=lambda m: -m[0].stat().st_size)
-    left_out = []
-    with atomic_path(archive) as tmp:
-        while True:
-            _write_archive(tmp, [m for m in members if m not in left_out])
-            size = tmp.stat().st_size
-            if size <= limit or not optional: break
-            left_out.append(optional.pop(0))
-        if size > limit: raise ValueError(f"archive {archive} would be {size / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB limit")
-    if left_out: log(f"archive {archive}: left out {len(left_out)} optional file(s) to stay under {limit / 2**20:.0f} MiB: "
-                     + ', '.join(n for _, n in left_out))
-    return dict(archive=str(archive), files=len(members) - len(left_out), bytes=size, left_out=[n for _, n in left_out])
-
-def unpack_run(archive, runs='runs', figures='figures')->list:
-    "Extract a `pack_run` archive: its runs/ part under `runs`, its figures/ part under `figures`; returns the scales"
-    scales = set()
-    try: tar = tarfile.open(archive, 'r:gz')
-    except (OSError, tarfile.TarError) as e: raise ValueError(f"cannot read archive {archive}: {e}") from None
-    with tar:
-        for m in tar.getmembers():
-            parts = Path(m.name).parts
-            if (m.name.startswith('/') or '..' in parts or len(parts) < 3 or parts[0] not in ('runs', 'figures')
-                or not (m.isfile() or m.isdir())):
-                raise ValueError(f"archive {archive}: refused member {m.name!r} (not a las-reproduce archive)")
-            scales.add(parts[1])
-            if m.isdir(): continue
-            dest = Path(runs if parts[0] == 'runs' else figures).joinpath(*parts[1:])
-            atomic_write(dest, tar.extractfile(m).read(), durable=False)
-    return sorted(scales)
 
 # %% ../nbs/08_reproduce.ipynb #97860e81
 def write_figures_index(figures)->Path:
@@ -512,11 +317,10 @@ def write_figures_index(figures)->Path:
 def _parser()->argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='las-reproduce', description='Regenerate the tables and figures of "Learn and Search" '
                                 'by running the parameterized notebooks of nbs/paper (papermill) or their library functions.')
-    p.add_argument('--scale', choices=list(SCALES), help='size of the run (default: smoke)')
-    p.add_argument('--preset', choices=list(SCALES), help='deprecated name of --scale')
+    p.add_argument('--scale', choices=list(SCALES), default='smoke', help='size of the run (default: smoke)')
     p.add_argument('--data', help="evaluation data: 'synthetic' or a COCO root with val2017 (default: per scale, COCO_ROOT)")
     p.add_argument('--train-data', help="training images: 'synthetic', a folder of images or a COCO root (default: per scale)")
-    p.add_argument('--models', default=','.join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    p.add_argument('--models', default=','.join(PRESET_NAMES), help=f"comma-separated subset of {', '.join(PRESET_NAMES)}")
     p.add_argument('--pairs', type=int, help="training pairs shared among the models (scales with a budget: gpu)")
     p.add_argument('--device', help="'cpu', 'cuda', 'cuda:1' or 'auto' (default: per scale)")
     p.add_argument('--seed', type=int, help='seed of every step (default: 0)')
@@ -542,10 +346,6 @@ def _default_runner()->str:
 
 def _main(argv=None)->int:
     p = _parser(); a = p.parse_args(argv)
-    if a.preset:
-        print("las-reproduce: --preset is deprecated: use --scale (las-train --preset names a model preset)", file=sys.stderr)
-        if a.scale and a.scale != a.preset: p.error(f"--scale {a.scale} and --preset {a.preset} disagree")
-    scale = a.scale or a.preset or 'smoke'
     if a.threads is not None and a.threads < 1: p.error(f'--threads must be >= 1, got {a.threads}')
     if a.pairs is not None and a.pairs < 1: p.error(f'--pairs must be >= 1, got {a.pairs}')
     if a.archive and a.from_archive: p.error('--archive and --from-archive exclude each other')
@@ -555,21 +355,22 @@ def _main(argv=None)->int:
         try: resolve_device(a.device)   # checked here, not in the first notebook a minute later
         except ValueError as e: p.error(f"--device: {e}")
     try:
-        steps = build_grid(scale, [m.strip() for m in a.models.split(',') if m.strip()], a.data, a.train_data,
-                           a.device, a.seed, a.runs, a.figures, a.notebooks, a.tiny, a.pairs)
+        spec = GridSpec(a.scale, [m.strip() for m in a.models.split(',') if m.strip()], a.data, a.train_data, a.device,
+                        a.seed, a.runs, a.figures, a.notebooks, a.tiny, a.pairs)
+        steps = build_grid(spec)
     except (ValueError, FileNotFoundError) as e: p.error(str(e))
-    run_dir, runner = Path(a.runs)/scale, a.runner or _default_runner()
+    run_dir, runner = spec.run_dir, a.runner or _default_runner()
     if a.threads:   # the kernels inherit the environment; torch reads it when it starts
         os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = str(a.threads)
     if a.dry_run:
-        for i, st in enumerate(steps, 1): print(f"[{i}/{len(steps)}] {st.name}: {st.notebook} {_fmt_params(st.parameters)}")
+        for i, st in enumerate(steps, 1): print(f"[{i}/{len(steps)}] {st.name}: {st.notebook} {format_parameters(st.parameters)}")
         return 0
     t0 = time.perf_counter()
     with RunLock(run_dir):
         if a.from_archive:
             if not Path(a.from_archive).is_file(): raise FileNotFoundError(f"archive not found: {a.from_archive}")
             found = unpack_run(a.from_archive, a.runs, a.figures)
-            if scale not in found: raise ValueError(f"archive {a.from_archive} holds scale(s) {', '.join(found)}, not {scale!r}: pass --scale")
+            if a.scale not in found: raise ValueError(f"archive {a.from_archive} holds scale(s) {', '.join(found)}, not {a.scale!r}: pass --scale")
             steps = steps[-1:]   # the figures step, from the unpacked records; no model needed
         if runner == 'python' and not a.runner: print("las-reproduce: papermill is not installed: running the steps' library functions (--runner python)")
         try: run_grid(steps, run_dir, force=a.force or bool(a.from_archive), kernel=a.kernel, runner=runner)
@@ -577,9 +378,9 @@ def _main(argv=None)->int:
             print(e, file=sys.stderr); return 1
         write_figures_index(a.figures)
         if a.archive:
-            info = pack_run(run_dir, Path(a.figures)/scale, a.archive)
+            info = pack_run(run_dir, spec.figures_dir, a.archive)
             print(f"archive {info['archive']}: {info['files']} files, {info['bytes'] / 2**20:.2f} MiB")
-    print(f"done in {time.perf_counter() - t0:.0f} s: tables and figures in {Path(a.figures)/scale}/ "
+    print(f"done in {time.perf_counter() - t0:.0f} s: tables and figures in {spec.figures_dir}/ "
           f"(README.md), {'executed notebooks' if runner == 'papermill' else 'logs'} and checkpoints in {run_dir}/")
     return 0
 

@@ -28,7 +28,7 @@ python3 -m learn_and_search.reproduce --scale gpu --runner python --runs "$runs"
 rc=${PIPESTATUS[0]}
 echo "las-reproduce exit $rc, wall $(( $(date +%s) - start )) s" | tee -a "$log"
 if [ "$rc" -ne 0 ]; then   # keep what finished: the records, logs, metrics and figures so far
-  python3 -c "import sys; from learn_and_search.reproduce import pack_run; print(pack_run(*sys.argv[1:]))" \
+  python3 -c "import sys; from learn_and_search.archive import pack_run; print(pack_run(*sys.argv[1:]))" \
     "$runs/gpu" "$figures/gpu" "$out/gpu.tar.gz" 2>&1 | tee -a "$log"
 fi
 exit "$rc"

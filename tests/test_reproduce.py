@@ -3,7 +3,9 @@ determinism of the smoke tables."""
 import json, os, subprocess, sys, tarfile
 from pathlib import Path
 import nbformat, pytest, torch
-from learn_and_search.reproduce import ARCHIVE_LIMIT, SCALES, Step, StepFailed, build_grid, main, run_grid
+from learn_and_search.archive import ARCHIVE_LIMIT
+from learn_and_search.reproduce import GridSpec, build_grid, main
+from learn_and_search.steps import Step, StepFailed, run_grid
 
 def write_notebook(path, *sources:str, parameters:str|None=None)->Path:
     "A minimal notebook at `path`: a `parameters`-tagged cell (if given), then one code cell per source"
@@ -105,17 +107,17 @@ def test_an_interrupted_resumable_step_continues_and_others_start_over(tmp_path,
     assert Path(out + '.calls').read_text().split()[-1] == '0' and Path(out).read_text() == '0 1 2 3 4'
 
 def test_grid_training_steps_are_resumable(tmp_path):
-    "Every train step of a grid resumes; train_step continues an out folder's last.pt (resume_if_exists)"
-    steps = build_grid('smoke', tiny=True, runs=tmp_path/'runs', figures=tmp_path/'fig')
+    "Every train step of a grid resumes; train_model continues an out folder's last.pt (resume_if_exists)"
+    steps = build_grid(GridSpec('smoke', tiny=True, runs=tmp_path/'runs', figures=tmp_path/'fig'))
     assert {s.name: s.resumable for s in steps} == {s.name: s.name.startswith('train-') for s in steps}
     assert steps[-1].parameters['command'] == 'las-reproduce --scale smoke'           # what the README names
-    assert build_grid('mini', ['model4'], data='synthetic', train_data='synthetic', pairs=5000, runs=tmp_path/'r',
-                      figures=tmp_path/'f')[-1].parameters['command'] \
+    assert build_grid(GridSpec('mini', ['model4'], data='synthetic', train_data='synthetic', pairs=5000, runs=tmp_path/'r',
+                               figures=tmp_path/'f'))[-1].parameters['command'] \
         == 'las-reproduce --scale mini --models model4 --pairs 5000'
-    from learn_and_search.reproduce import train_step
+    from learn_and_search.reproduce import train_model
     out = tmp_path/'tr'
-    first = train_step(dim=32, steps=2, out=str(out))
-    again = train_step(dim=32, steps=3, out=str(out))             # resumed: one more step, not three
+    first = train_model(dim=32, steps=2, out=str(out))
+    again = train_model(dim=32, steps=3, out=str(out))            # resumed: one more step, not three
     assert (first['step'], again['step']) == (2, 3)
     assert [json.loads(l)['step'] for l in (out/'metrics.jsonl').read_text().splitlines()] == [1, 2, 3]
 
@@ -130,7 +132,7 @@ def test_missing_output_or_parameter_is_a_failure(tmp_path):
 def _fake_paper(d:Path, fail_in:str|None=None)->Path:
     "Stand-ins for nbs/paper with the grid's parameter names, which only write the outputs the driver expects"
     d.mkdir(parents=True, exist_ok=True)
-    params = {st.notebook.name: st.parameters for st in build_grid('smoke', models=['model1'], tiny=True)}
+    params = {st.notebook.name: st.parameters for st in build_grid(GridSpec('smoke', models=['model1'], tiny=True))}
     cell = lambda name: '\n'.join(f'{k} = {v!r}' for k, v in params[name].items())
     mk = "from pathlib import Path\nout = Path(out); out.mkdir(parents=True, exist_ok=True)"
     write_notebook(d/'train.ipynb', mk, "(out/'checkpoints').mkdir(exist_ok=True); (out/'checkpoints'/'last.pt').write_text(preset)",
@@ -165,16 +167,16 @@ def test_cli_grid_failure_and_resume(tmp_path, capsys):
 def test_bad_arguments(capsys):
     with pytest.raises(SystemExit): main(['--scale', 'smoke', '--models', 'model9', '--dry-run'])
     assert 'model9' in capsys.readouterr().err
-    with pytest.raises(ValueError, match='unknown scale'): build_grid('large')
+    with pytest.raises(ValueError, match='unknown scale'): build_grid(GridSpec('large'))
     with pytest.raises(SystemExit): main(['--scale', 'gpu', '--pairs', '0', '--dry-run'])
     assert '--pairs must be >= 1' in capsys.readouterr().err
 
-def test_preset_is_a_deprecated_alias(capsys):
-    assert main(['--preset', 'smoke', '--dry-run', '--tiny', '--models', 'model1']) == 0
-    cap = capsys.readouterr()
-    assert '--preset is deprecated: use --scale' in cap.err and 'train-model1' in cap.out
-    with pytest.raises(SystemExit): main(['--preset', 'smoke', '--scale', 'mini', '--dry-run'])
-    assert 'disagree' in capsys.readouterr().err
+def test_preset_is_refused(capsys):
+    "`--preset`, the old name of `--scale`, is gone: a usage error (las-train --preset names a model preset)"
+    with pytest.raises(SystemExit) as e: main(['--preset', 'smoke', '--dry-run', '--tiny', '--models', 'model1'])
+    assert e.value.code == 2 and 'unrecognized arguments: --preset smoke' in capsys.readouterr().err
+    assert main(['--scale', 'smoke', '--dry-run', '--tiny', '--models', 'model1']) == 0
+    assert 'train-model1' in capsys.readouterr().out
 
 def test_errors_are_one_line(tmp_path, capsys):
     "Expected errors (a missing archive, a bad one) end as one `las-reproduce: error:` line, status 2"
