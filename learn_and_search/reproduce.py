@@ -226,36 +226,20 @@ def evaluate_step(checkpoint=None, data='synthetic', split='val2017', image_size
                   baselines=True, max_images=8, n_examples=1, n_queries=2, k=5, seed=0, device='cpu', out=None,
                   curve=False, shared_cache=None)->dict:
     "Evaluate one checkpoint with its random-init twin (the work of `nbs/paper/evaluate.ipynb`), and with `curve` the run's snapshots"
-    import tempfile, torch
-    from learn_and_search.models import load_model, random_init_model
-    from learn_and_search.evaluate import evaluate, evaluation_data, record_evaluation_data
-    from learn_and_search.eval_report import metrics_markdown, per_category_csv, per_query_csv
-    from learn_and_search.utils import describe_machine, resolve_device
+    import tempfile
+    from learn_and_search.evaluate import EvalSettings, EvalSpec, run_evaluation
     import learn_and_search.figures as F
     out = Path(out or tempfile.mkdtemp(prefix='las-eval-'))
     if checkpoint is None:   # standalone run: a two-step model on synthetic scenes
         checkpoint = train_model(dim=32, image_size=image_size or 64, query_size=query_size or 32, seed=seed,
                                  device=device, out=str(out/'_train'))['checkpoint']
-    dev = resolve_device(device)
-    model = load_model(checkpoint, map_location=dev)
-    S, q = image_size or model.config['image_size'], query_size or model.config['query_size']
-    twin = random_init_model(model.config, seed)
-    # the gallery: the splits of `data` without the training images; hubness reference crops: the training images
-    parts = [(data, s) for s in str(split).split(',') if s]
-    chosen = evaluation_data(model.config, parts)   # as las-eval chooses them
-    gallery, reference = chosen.gallery, chosen.reference
-    metrics = evaluate(model, gallery, image_size=S, query_size=q, queries=queries, seed=seed, random_init=twin,
-                       baselines=baselines, device=dev, max_images=max_images, reference=reference, per_query=True,
-                       shared_cache=shared_cache)   # the twin: evaluated once per grid (its tally read back after)
-    rows = metrics.pop('per_query', None)   # per_query.csv, not metrics.json (see the eval contract)
-    record_evaluation_data(metrics, chosen)
-    metrics['source'] = dict(checkpoint=str(checkpoint), config=model.config, data=str(data), split=split,
-                             gallery=[f"{d}:{s}" for d, s in parts], machine=describe_machine(dev), torch=torch.__version__)
-    metrics = json.loads(json.dumps(metrics, default=str))   # the form metrics.json holds: plain types, string keys
-    atomic_write_json(out/'metrics.json', metrics)
-    atomic_write(out/'metrics.md', metrics_markdown(metrics))
-    if metrics.get('per_category'): atomic_write(out/'per_category.csv', per_category_csv(metrics))
-    if rows: atomic_write(out/'per_query.csv', per_query_csv(rows, model.levels))
+    settings = EvalSettings(image_size=image_size or None, query_size=query_size or None, queries=queries, seed=seed,
+                            baselines=baselines, device=device, max_images=max_images, per_query=True)
+    # the one evaluation path of las-eval: the gallery without the training images, the reference crops from them; the
+    # twin evaluated once per grid (its tally read back after)
+    run = run_evaluation(EvalSpec(str(checkpoint), data=data, split=split, settings=settings, shared_cache=shared_cache), out)
+    metrics, model, gallery = run.metrics, run.model, run.data.gallery
+    dev, S, q = next(model.parameters()).device, metrics['settings']['image_size'], metrics['settings']['query_size']
     name = model.config['preset']
     log_path = Path(checkpoint).parent.parent/'metrics.jsonl'
     logs = {name: F.read_log(log_path)} if log_path.is_file() else {}
@@ -264,8 +248,7 @@ def evaluate_step(checkpoint=None, data='synthetic', split='val2017', image_size
     if curve:   # SGA against training pairs: the run's snapshots on the same queries
         from learn_and_search.curves import evaluate_snapshots, write_curve
         from learn_and_search.checkpoint import load_checkpoint
-        run = Path(checkpoint).parent.parent
-        pts = evaluate_snapshots(run, gallery, metrics, load_checkpoint(checkpoint)['step'], device=dev, image_size=S,
+        pts = evaluate_snapshots(Path(checkpoint).parent.parent, gallery, metrics, load_checkpoint(checkpoint)['step'], device=dev, image_size=S,
                                  query_size=q, queries=queries, seed=seed, max_images=max_images)
         write_curve(pts, out/'curve.json')
     if metrics.get('top_k_instance') is not None:
