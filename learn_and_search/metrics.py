@@ -131,9 +131,9 @@ def _source_rank(scores:Tensor,   # (Q, G) gallery scores
     "How many images rank ahead of each query's source: a higher score (NaN is highest), or an equal one at a lower index"
     Q, G = scores.shape
     own = scores[torch.arange(Q), source][:, None]                                  # (Q, 1) the source's score
-    nan, own_nan = scores.isnan(), own.isnan()
-    tie = (scores == own) | (nan & own_nan)                                         # (Q, G) ties, NaN with NaN
-    return ((scores > own) | (nan & ~own_nan) | (tie & (torch.arange(G) < source[:, None]))).sum(1)
+    before = torch.arange(G) < source[:, None]                                      # (Q, G) lower gallery index
+    ahead = torch.where(before, scores >= own, scores > own)                        # (Q, G); any comparison with NaN is False
+    return (ahead | (scores.isnan() & (before | ~own.isnan()))).sum(1)              # NaN: ahead of numbers, ties among NaNs
 
 @dataclass
 class GalleryRanking:
