@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from .grid import box_hits, cell_corners, cells_hit, cells_in_boxes
+from .grid import box_hits, cells_in_boxes
 
 # %% auto #0
 __all__ = ['MAX_BOOTSTRAP', 'CATEGORY_K', 'best_cells', 'sga_hits', 'chance_sga', 'sga_rates', 'gap_ratio', 'wilson_interval',
