@@ -5,41 +5,39 @@
 # %% ../nbs/06_metrics.ipynb #b078c812
 from __future__ import annotations
 import math
+from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from .grid import box_hits, cell_corners, cells_hit, cells_in_boxes
+from .grid import box_hits, cells_in_boxes
 
 # %% auto #0
 __all__ = ['MAX_BOOTSTRAP', 'CATEGORY_K', 'best_cells', 'sga_hits', 'chance_sga', 'sga_rates', 'gap_ratio', 'wilson_interval',
-           'bootstrap_interval', 'sga_intervals', 'relevance', 'query_retrieval', 'retrieval_metrics',
-           'chance_per_query', 'retrieval_chance', 'category_summary', 'category_retrieval', 'per_category']
+           'bootstrap_interval', 'sga_intervals', 'relevance', 'GalleryRanking', 'rank_gallery', 'query_retrieval',
+           'retrieval_metrics', 'chance_per_query', 'retrieval_chance', 'category_summary', 'category_retrieval',
+           'per_category']
 
 # %% ../nbs/06_metrics.ipynb #27f52d9d
 def best_cells(sim_maps:dict,      # level -> (B, H, W) similarity of each query to every cell of its own scene
               )->dict:             # level -> (B,) flat argmax cell; 'all' -> dict(level (B,) index into the levels, cell (B,), score (B,))
     "The most similar cell of each query on each level, and over all levels together"
-    out, flat = {}, []
-    for level, sim in sim_maps.items():
-        f = sim.flatten(1)                                                # (B, H, W) -> (B, H*W)
-        out[level] = f.argmax(1); flat.append(f)
-    sizes = torch.tensor([f.shape[1] for f in flat], device=flat[0].device)
-    score, j = torch.cat(flat, 1).max(1)                                  # (B, sum H*W) -> (B,)
-    level = torch.bucketize(j, sizes.cumsum(0), right=True)               # which level's block j falls in
-    out['all'] = dict(level=level, cell=j - (sizes.cumsum(0) - sizes)[level], score=score)
-    return out
+    best = [sim.flatten(1).max(1) for sim in sim_maps.values()]             # per level: (B, H, W) -> (B, H*W) -> (B,) value, cell
+    score, level = torch.stack([b.values for b in best], 1).max(1)         # (B, L) -> (B,): first maximum, so lower level on ties
+    cell = torch.stack([b.indices for b in best], 1).gather(1, level[:, None])[:, 0]   # (B, L) -> (B,) the winning level's argmax
+    return {**{l: b.indices for l, b in zip(sim_maps, best)}, 'all': dict(level=level, cell=cell, score=score)}
 
 def sga_hits(sim_maps:dict,        # level -> (B, H, W) similarity of each query to every cell of its own scene
              boxes:Tensor,         # (B, 4) xywh query boxes in scene pixels
              image_size:int,       # side S of the square scene
              strict:bool=False,    # whole argmax cell inside the box instead of its centre
+             best:dict|None=None,  # `best_cells(sim_maps)` when already computed
             )->dict:               # level -> Bool (B,), plus 'all' (global argmax over levels)
     "Per-query SGA hits on each level and for the global argmax over all levels"
-    best, hws = best_cells(sim_maps), [tuple(s.shape[1:]) for s in sim_maps.values()]
+    best = best_cells(sim_maps) if best is None else best
     boxes = boxes.to(next(iter(sim_maps.values())).device).float()
-    out = {level: box_hits(best[level], boxes, hw, image_size, strict) for level, hw in zip(sim_maps, hws)}
-    H, W = (torch.tensor(v, device=boxes.device)[best['all']['level']] for v in zip(*hws))   # (B,) grid of each winner
-    out['all'] = cells_hit(cell_corners(best['all']['cell'], (H, W), image_size), boxes, strict)
+    out = {level: box_hits(best[level], boxes, tuple(sim.shape[1:]), image_size, strict) for level, sim in sim_maps.items()}
+    winner = best['all']['level'].to(boxes.device)[:, None]                  # (B, 1) level of the global argmax
+    out['all'] = torch.stack(list(out.values()), 1).gather(1, winner)[:, 0]  # (B, L) -> (B,) that level's hit
     return out
 
 # %% ../nbs/06_metrics.ipynb #186f0c68
@@ -127,19 +125,62 @@ def relevance(query_categories:Tensor,   # (Q,) category id of each query
     return present[:, [col[c] for c in query_categories.tolist()]].T.contiguous()     # (G, Q) -> (Q, G)
 
 # %% ../nbs/06_metrics.ipynb #d328bab4
-def _ranks(scores:Tensor)->Tensor:   # (Q, G) -> (Q, G) 0-based rank of each gallery image, ties by index
-    order = scores.sort(dim=1, descending=True, stable=True).indices
-    return torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1]).expand_as(order).contiguous())
+def _source_rank(scores:Tensor,   # (Q, G) gallery scores
+                 source:Tensor,   # (Q,) gallery index of each query's source image
+                )->Tensor:        # (Q,) 0-based rank of the source in the stable descending order
+    "How many images rank ahead of each query's source: a higher score (NaN is highest), or an equal one at a lower index"
+    Q, G = scores.shape
+    own = scores[torch.arange(Q), source][:, None]                                  # (Q, 1) the source's score
+    before = torch.arange(G) < source[:, None]                                      # (Q, G) lower gallery index
+    ahead = torch.where(before, scores >= own, scores > own)                        # (Q, G); any comparison with NaN is False
+    return (ahead | (scores.isnan() & (before | ~own.isnan()))).sum(1)              # NaN: ahead of numbers, ties among NaNs
 
-def _ranked_relevance(scores:Tensor, source:Tensor, relevant:Tensor)->tuple:
-    "(source rank (Q,), relevance in rank order with the source removed (Q, G-1))"
+@dataclass
+class GalleryRanking:
+    "Per-query retrieval figures of one sorted gallery ranking, read for any `k` without sorting again"
+    source_rank: Tensor   # (Q,) 0-based rank of the source image among all G
+    hits: Tensor          # (Q, G-1) relevant images among the first r+1, source removed
+    ap: Tensor            # (Q,) average precision, NaN where R = 0
+    found_at: Tensor      # (Q,) 1-based rank of the first relevant image, G when none
+    n_relevant: Tensor    # (Q,) R: relevant images besides the source
+
+    def per_query(self, k:int=10)->dict:   # source_rank, p_at_k, ap, found_at, n_relevant: each (Q,)
+        "The per-query figures, precision at `k` included"
+        kk = min(k, self.hits.shape[1])
+        return dict(source_rank=self.source_rank, p_at_k=self.hits[:, kk - 1] / kk if kk else torch.zeros(len(self.n_relevant)),
+                    ap=self.ap, found_at=self.found_at, n_relevant=self.n_relevant)
+
+    def metrics(self, ks:tuple=(1, 5, 10))->dict:   # top_k_instance, top_k_category, precision_at_k (str(k) -> float), map, counts
+        "Instance and category top-k accuracy, precision@k and mAP, averaged over the queries"
+        Q, G = len(self.n_relevant), self.hits.shape[1] + 1
+        out = dict(top_k_instance={}, top_k_category={}, precision_at_k={})
+        for k in ks:
+            out['top_k_instance'][str(k)] = (self.source_rank < k).float().mean().item()
+            out['top_k_category'][str(k)] = (self.found_at <= min(k, G - 1)).float().mean().item() if G > 1 else 0.
+            out['precision_at_k'][str(k)] = self.per_query(k)['p_at_k'].mean().item()
+        valid = self.n_relevant > 0
+        out['map'] = self.ap[valid].mean().item() if valid.any() else None
+        out.update(n_queries=Q, n_map_queries=int(valid.sum()))
+        return out
+
+# %% ../nbs/06_metrics.ipynb #d9e8f7a6
+def rank_gallery(scores:Tensor,    # (Q, G) score of each gallery image for each query, higher is better
+                 source:Tensor,    # (Q,) gallery index of each query's source image
+                 relevant:Tensor,  # Bool (Q, G) image holds the query's category (see `relevance`)
+                )->GalleryRanking:
+    "Sort every query's gallery once (source removed) and compute the per-query figures that do not depend on `k`"
+    scores, source, relevant = scores.cpu(), source.cpu(), relevant.cpu()
     Q, G = scores.shape
     ar = torch.arange(Q)
-    source_rank = _ranks(scores)[ar, source]                                 # (Q,)
-    s = scores.float().clone(); s[ar, source] = -math.inf                    # drop the source image...
-    rank = _ranks(s)                                                         # ...it ranks last, at G-1
+    s = scores.float().clone(); s[ar, source] = -math.inf                            # the source goes to the end...
+    order = s.sort(dim=1, descending=True, stable=True).indices                      # (Q, G)
     rel = relevant.clone(); rel[ar, source] = False
-    return source_rank, torch.zeros_like(rel).scatter_(1, rank, rel)[:, :G - 1]   # (Q, G-1)
+    rel_sorted = rel.gather(1, order)[:, :G - 1]                                      # ...and is cut: (Q, G-1)
+    hits = rel_sorted.float().cumsum(1)                                               # (Q, G-1) relevant among the first r+1
+    R = rel_sorted.sum(1)
+    ap = (hits / torch.arange(1, G)).mul(rel_sorted).sum(1) / R.clamp(min=1)
+    first = torch.where(R > 0, rel_sorted.float().argmax(1) + 1, torch.full_like(R, G))
+    return GalleryRanking(_source_rank(scores, source), hits, torch.where(R > 0, ap, torch.full_like(ap, math.nan)), first, R)
 
 def query_retrieval(scores:Tensor,    # (Q, G) score of each gallery image for each query, higher is better
                     source:Tensor,    # (Q,) gallery index of each query's source image
@@ -147,16 +188,7 @@ def query_retrieval(scores:Tensor,    # (Q, G) score of each gallery image for e
                     k:int=10,         # k of `p_at_k`
                    )->dict:           # source_rank, p_at_k, ap, found_at, n_relevant: each (Q,)
     "Per-query retrieval figures of a gallery ranking (source removed except for `source_rank`)"
-    scores, source, relevant = scores.cpu(), source.cpu(), relevant.cpu()
-    G = scores.shape[1]
-    source_rank, rel_sorted = _ranked_relevance(scores, source, relevant)
-    hits = rel_sorted.float().cumsum(1)                                      # (Q, G-1) relevant among the first r+1
-    R = rel_sorted.sum(1)
-    ap = (hits / torch.arange(1, G)).mul(rel_sorted).sum(1) / R.clamp(min=1)
-    kk = min(k, G - 1)
-    first = torch.where(R > 0, rel_sorted.float().argmax(1) + 1, torch.full_like(R, G))
-    return dict(source_rank=source_rank, p_at_k=hits[:, kk - 1] / kk if kk else torch.zeros(len(R)),
-                ap=torch.where(R > 0, ap, torch.full_like(ap, math.nan)), found_at=first, n_relevant=R)
+    return rank_gallery(scores, source, relevant).per_query(k)
 
 def retrieval_metrics(scores:Tensor,    # (Q, G) score of each gallery image for each query, higher is better
                       source:Tensor,    # (Q,) gallery index of each query's source image
@@ -164,18 +196,7 @@ def retrieval_metrics(scores:Tensor,    # (Q, G) score of each gallery image for
                       ks:tuple=(1, 5, 10),
                      )->dict:           # top_k_instance, top_k_category, precision_at_k (str(k) -> float), map, counts
     "Instance and category top-k accuracy, precision@k and mAP of a gallery ranking"
-    Q, G = scores.shape
-    per = {k: query_retrieval(scores, source, relevant, k) for k in ks}
-    first = next(iter(per.values())) if per else query_retrieval(scores, source, relevant)
-    out = dict(top_k_instance={}, top_k_category={}, precision_at_k={})
-    for k, p in per.items():
-        out['top_k_instance'][str(k)] = (p['source_rank'] < k).float().mean().item()
-        out['top_k_category'][str(k)] = (p['found_at'] <= min(k, G - 1)).float().mean().item() if G > 1 else 0.
-        out['precision_at_k'][str(k)] = p['p_at_k'].mean().item()
-    valid = first['n_relevant'] > 0
-    out['map'] = first['ap'][valid].mean().item() if valid.any() else None
-    out.update(n_queries=Q, n_map_queries=int(valid.sum()))
-    return out
+    return rank_gallery(scores, source, relevant).metrics(ks)
 
 # %% ../nbs/06_metrics.ipynb #84b3dfda
 def chance_per_query(source:Tensor,    # (Q,) gallery index of each query's source image
