@@ -174,16 +174,18 @@ def evaluation_pass(methods:dict,                  # name -> model (`embed_queri
             if len(osel):
                 own = {k: g[(obj.index[osel] - start).to(dev)] for k, g in grids.items()}
                 sims = similarity_maps(query_emb[name][osel.to(dev)], own)
-                t.object_hits.append(_cpu(sga_hits(sims, obj.boxes[osel], cfg.image_size)))
-                t.object_best.append(_cpu(best_cells(sims)['all']))
+                best = best_cells(sims)                                            # one argmax for the hits and the rows
+                t.object_hits.append(_cpu(sga_hits(sims, obj.boxes[osel], cfg.image_size, best=best)))
+                t.object_best.append(_cpu(best['all']))
             if not len(sel): continue
             own = {k: g[local.to(dev)] for k, g in grids.items()}                  # (b, D, H, W), one scene per query
             for p in cfg.protocols:
                 q = model.embed_queries(crops[p])
                 sims = similarity_maps(q, own)
-                t.hits.setdefault(p, []).append(_cpu(sga_hits(sims, boxes, cfg.image_size)))
-                t.hits.setdefault(p + '_strict', []).append(_cpu(sga_hits(sims, boxes, cfg.image_size, True)))
-                if cfg.per_query: t.best.setdefault(p, []).append(_cpu(best_cells(sims)['all']))
+                best = best_cells(sims)                                            # one argmax for both hit rules
+                t.hits.setdefault(p, []).append(_cpu(sga_hits(sims, boxes, cfg.image_size, best=best)))
+                t.hits.setdefault(p + '_strict', []).append(_cpu(sga_hits(sims, boxes, cfg.image_size, True, best=best)))
+                if cfg.per_query: t.best.setdefault(p, []).append(_cpu(best['all']))
                 if p == cfg.protocols[0] and cfg.loss_fn is not None and name != 'imagenet_resnet':
                     out = cfg.loss_fn(q, own, boxes.to(dev), cfg.image_size)
                     for k in ('loss', 'avg_pos', 'avg_neg'): t.loss_sums[k] = t.loss_sums.get(k, 0.) + float(getattr(out, k)) * len(sel)
