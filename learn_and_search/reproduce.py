@@ -357,7 +357,8 @@ def train_step(data='synthetic', split='train2017', preset='model1', arch='resne
                device='cpu', out=None, **extra)->dict:
     "Train one preset (the work of `nbs/paper/train.ipynb`); `extra` are further `TrainConfig` fields"
     import tempfile
-    from learn_and_search.train import TrainConfig, train
+    from learn_and_search.train import train
+    from learn_and_search.train_config import TrainConfig
     out = out or tempfile.mkdtemp(prefix='las-train-')
     extra.setdefault('resume_if_exists', True)   # a grid step rerun after an interruption continues its last.pt
     config = TrainConfig.from_dict(dict(data=data, split=split, preset=preset, arch=arch, dim=dim, image_size=image_size,
