@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from .utils import describe_machine, markdown_table, resolve_device, resolve_precision, run_cli, script_entry
-from .train import make_optimizer, step_generator, train_step, sample_query_boxes, TrainConfig
+from .train import make_optimizer, step_generator, train_step, sample_query_boxes
+from .train_config import TrainConfig
 
 # %% ../nbs/05b_bench_train.ipynb #d882fef2
 def peak_memory_mib(device:torch.device)->float:

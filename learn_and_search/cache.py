@@ -4,7 +4,7 @@
 
 # %% ../nbs/01c_cache.ipynb #b7dc54d8
 from __future__ import annotations
-import contextlib, fcntl, hashlib, json, logging, os, shutil, tempfile, time
+import hashlib, json, logging, os, time
 from pathlib import Path
 import numpy as np, torch, torchvision
 from tqdm.auto import tqdm
@@ -12,7 +12,7 @@ from . import __version__
 from .data import (MIN_IMAGE_SIDE, SKIP_HINT, CocoImages, FolderImages, ImageReadError, map_threads,
                                    open_images, resize_square)
 from .synthetic import default_cache_dir
-from .utils import atomic_write_json, dir_mode, file_mode, fsync_dir
+from .utils import RunLock, atomic_folder, atomic_write_json, remove_folder_leftovers, sha256_file
 
 _log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ _log = logging.getLogger(__name__)
 __all__ = ['CACHE_VERSION', 'source_key', 'cache_name', 'ImageCache', 'image_cache']
 
 # %% ../nbs/01c_cache.ipynb #028e6b9e
-CACHE_VERSION = 1   # bump when the stored rows or the layout change: older caches are then rebuilt
+CACHE_VERSION = 2   # bump when the stored rows or the layout change: older caches are then rebuilt (2: rows_sha256)
 
 def source_key(images,          # `CocoImages` or `FolderImages`
                image_size:int,  # S, px
@@ -72,6 +72,11 @@ class ImageCache:
         "Zero-copy torch view of all rows (copy-on-write mapping: writes stay in this process)"
         return torch.from_numpy(np.memmap(self.path/'images.u8', np.uint8, 'c', shape=self.shape))
 
+    def check_rows(self):
+        "Raise `ValueError` naming `images.u8` unless its bytes still hash to the manifest's `rows_sha256`"
+        if sha256_file(self.path/'images.u8') != self.manifest.get('rows_sha256'):
+            raise ValueError(f"{self.path/'images.u8'} fails its SHA-256 check: its bytes changed since the build (a damaged cache)")
+
     def batch(self, indices)->torch.Tensor: # uint8 (B, 3, S, S)
         "A copy of the rows `indices`, in that order"
         return torch.from_numpy(self.array[np.asarray(indices, dtype=np.int64)])
@@ -105,27 +110,12 @@ def _rows(images, image_size:int, workers):
         except ImageReadError as e: return None, str(e)
     return map_threads(load, range(len(images)), workers)
 
-@contextlib.contextmanager
-def _build_lock(folder:Path):
-    "Hold an exclusive lock on building `folder` (blocks while another process builds it)"
-    fd = os.open(folder.parent/f'.{folder.name}.lock', os.O_RDWR | os.O_CREAT, file_mode())
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally: fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)
-
-def _remove_leftovers(folder:Path):
-    "Delete what killed builds of `folder` left (call with the build lock held)"
-    for p in folder.parent.glob(f'.{folder.name}.tmp-*'): shutil.rmtree(p, ignore_errors=True)
-    for p in folder.parent.glob(f'.{folder.name}.old-*'): shutil.rmtree(p, ignore_errors=True)
-
 def _build(images, folder:Path, key:dict, skip_unreadable:bool, progress:bool, workers)->ImageCache:
     "Decode and resize every image of `images` into a new cache at `folder` (atomically: temp folder + rename)"
     S, n, t0 = key['image_size'], len(images), time.time()
     skipped = [(Path(p).relative_to(images.root).as_posix(), r) for p, r in images.skipped]   # left out when opened
-    names, ids = [], []
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{folder.name}.tmp-', dir=folder.parent))
-    try:
+    names, ids, digest = [], [], hashlib.sha256()
+    with atomic_folder(folder) as tmp:
         with open(tmp/'images.u8', 'wb') as f:
             bar = tqdm(_rows(images, S, workers), total=n, desc=f'caching {folder.name}', unit='img', disable=not progress)
             for i, (row, err) in enumerate(bar):
@@ -134,7 +124,7 @@ def _build(images, folder:Path, key:dict, skip_unreadable:bool, progress:bool, w
                     if not skip_unreadable: raise ImageReadError(f'{err}; {SKIP_HINT}')
                     skipped.append((name, err.removeprefix(f'{images.paths[i]}: ')))
                     _log.warning('skipped unreadable image %s: %s', images.paths[i], skipped[-1][1]); continue
-                f.write(row.tobytes()); names.append(name)
+                row = row.tobytes(); f.write(row); digest.update(row); names.append(name)
                 ids.append(images.ids[i] if isinstance(images, CocoImages) else None)
             f.flush(); os.fsync(f.fileno())
         if not names: raise ImageReadError(f'{images.root}: none of its {n} images is readable ({len(skipped)} skipped)')
@@ -143,22 +133,21 @@ def _build(images, folder:Path, key:dict, skip_unreadable:bool, progress:bool, w
         manifest = dict(format_version=CACHE_VERSION, image_size=S, data=str(Path(images.root).resolve()),
                         split=getattr(images, 'split', None), kind=type(images).__name__, **versions,
                         created=time.strftime('%Y-%m-%d %H:%M:%S %z'), build_seconds=round(time.time() - t0, 2),
-                        names=names, ids=ids, skipped=skipped, key=key)
+                        names=names, ids=ids, skipped=skipped, key=key, rows_sha256=digest.hexdigest())
         atomic_write_json(tmp/'manifest.json', manifest, indent=None)
-        os.chmod(tmp, dir_mode()); os.chmod(tmp/'images.u8', file_mode())   # mkdtemp/mkstemp modes are 0700/0600
-        old = folder.with_name(f'.{folder.name}.old-{os.getpid()}')
-        if folder.exists(): os.replace(folder, old)
-        os.replace(tmp, folder); fsync_dir(folder.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
     return ImageCache(folder)
 
 # %% ../nbs/01c_cache.ipynb #ad2bc590
-def _reuse(folder:Path, key:dict)->ImageCache|None:
-    "The cache at `folder` if it is whole and its manifest's key equals `key`"
+def _reuse(folder:Path, key:dict, warn:bool=True)->ImageCache|None:
+    "The cache at `folder` if it is whole, its manifest's key equals `key` and its rows pass their SHA-256 check"
     try: cache = ImageCache(folder)
     except (OSError, ValueError, KeyError, TypeError): return None
-    return cache if cache.manifest.get('key') == key else None
+    if cache.manifest.get('key') != key: return None
+    try: cache.check_rows()
+    except ValueError as e:
+        if warn: _log.warning('%s: rebuilding it', e)
+        return None
+    return cache
 
 def image_cache(data,                       # 'synthetic', a COCO root, a folder of images, or an opened dataset
                 split:str|None=None,        # COCO split (default 'train2017'; ignored for folders)
@@ -179,12 +168,10 @@ def image_cache(data,                       # 'synthetic', a COCO root, a folder
     folder, key = base/cache_name(images, image_size), source_key(images, image_size)
     cache = _reuse(folder, key)
     if cache is None:
-        base.mkdir(parents=True, exist_ok=True)
-        with _build_lock(folder):
-            cache = _reuse(folder, key)   # another process may have built it while we waited
-            if cache is None:
-                _remove_leftovers(folder)
-                cache = _build(images, folder, key, skip_unreadable, progress, workers)
+        with RunLock(base, f'.{folder.name}.lock', label=folder, wait=True):   # one builder; the others wait for it
+            remove_folder_leftovers(folder)
+            cache = _reuse(folder, key, warn=False)   # another process may have built it while we waited
+            if cache is None: cache = _build(images, folder, key, skip_unreadable, progress, workers)
     if cache.skipped and not skip_unreadable:
         name, reason = cache.manifest['skipped'][0]
         raise ImageReadError(f'{root/name}: {reason} ({len(cache.skipped)} images were left out of the cache {folder}); {SKIP_HINT}')

@@ -4,14 +4,14 @@
 
 # %% ../nbs/07b_index_store.ipynb #3b622498
 from __future__ import annotations
-import hashlib, json, os, re, shutil, tempfile
+import json
 from pathlib import Path
 
-from .utils import RunLock, dir_mode, fsync_dir
+from .utils import RunLock, atomic_folder, remove_folder_leftovers, sha256_file
 
 # %% auto #0
-__all__ = ['FORMAT', 'FORMAT_VERSION', 'READABLE_VERSIONS', 'IndexFormatError', 'sha256_file', 'index_lock', 'remove_leftovers',
-           'check_index_target', 'write_index_folder', 'read_index_meta', 'check_index_file']
+__all__ = ['FORMAT', 'FORMAT_VERSION', 'READABLE_VERSIONS', 'IndexFormatError', 'index_lock', 'check_index_target',
+           'write_index_folder', 'read_index_meta', 'check_index_file']
 
 # %% ../nbs/07b_index_store.ipynb #46b7dc39
 FORMAT, FORMAT_VERSION = 'learn_and_search.SearchIndex', 2
@@ -20,29 +20,11 @@ READABLE_VERSIONS = (1, 2)   # 1: no reference statistics (the index scores with
 class IndexFormatError(ValueError):
     "A saved index is missing, corrupt, truncated or of another format version"
 
-def sha256_file(path)->str:
-    "Hex SHA-256 of a file's bytes, read in 4 MB blocks"
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 22), b''): h.update(block)
-    return h.hexdigest()
-
 # %% ../nbs/07b_index_store.ipynb #2a22d285
 def index_lock(path)->RunLock:
     "The exclusive lock that writers of the index folder `path` hold: the file `.NAME.lock` beside it"
     path = Path(path)
     return RunLock(path.parent, f'.{path.name}.lock', label=path)
-
-def remove_leftovers(path)->list:  # the removed folders
-    "Delete the `.NAME.XXXXXXXX.tmp/` and `.NAME.old/` folders that killed saves of `path` left (hold `index_lock`)"
-    path = Path(path)
-    if not path.parent.is_dir(): return []
-    old = path.with_name(f'.{path.name}.old')
-    if not path.exists() and (old/'meta.json').is_file(): os.rename(old, path)   # killed between the two renames: restore
-    pat = re.compile(rf'\.{re.escape(path.name)}\.([a-z0-9_]{{8}}\.tmp|old)')
-    gone = [p for p in path.parent.iterdir() if pat.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
-    for p in gone: shutil.rmtree(p)
-    return gone
 
 def check_index_target(path, overwrite:bool=False):
     "Raise unless an index can be written to `path`: absent, or (with `overwrite`) an index folder already"
@@ -65,21 +47,12 @@ def write_index_folder(path,                # index folder to (re)place
     path.parent.mkdir(parents=True, exist_ok=True)
     held = index_lock(path).acquire() if lock else None
     try:
-        remove_leftovers(path)
+        remove_folder_leftovers(path)
         check_index_target(path, overwrite)               # again, now that no other writer can race us
-        tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent))
-        try:
-            os.chmod(tmp, dir_mode())
+        with atomic_folder(path) as tmp:
             write_files(tmp)
             files = {f.name: dict(bytes=f.stat().st_size, sha256=sha256_file(f)) for f in sorted(tmp.iterdir()) if f.name != 'meta.json'}
             (tmp/'meta.json').write_text(json.dumps(dict(format=FORMAT, version=FORMAT_VERSION, **meta, files=files), indent=1))
-            old = path.with_name(f'.{path.name}.old') if path.exists() else None
-            if old: os.rename(path, old)
-            os.rename(tmp, path)
-            if old: shutil.rmtree(old, ignore_errors=True)
-            fsync_dir(path.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True); raise
     finally:
         if held: held.release()
     return path

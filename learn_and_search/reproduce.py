@@ -214,7 +214,8 @@ def train_model(out=None,   # the run folder (a rerun continues its last.pt); No
                )->dict:     # what `train.train` returns: step, checkpoint, metrics
     "Train one preset, a whole run (the work of `nbs/paper/train.ipynb`)"
     import tempfile
-    from learn_and_search.train import TrainConfig, train
+    from learn_and_search.train import train
+    from learn_and_search.train_config import TrainConfig
     out = out or tempfile.mkdtemp(prefix='las-train-')
     config = TrainConfig.from_dict({**STANDALONE_TRAIN, 'resume_if_exists': True,   # a grid step rerun after an interruption
                                     **fields, 'out': str(out)})

@@ -4,11 +4,11 @@
 
 # %% ../nbs/01a_synthetic.ipynb #8b78b71d
 from __future__ import annotations
-import json, math, os, shutil, tempfile
+import json, math, os
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from .utils import dir_mode, fsync_dir
+from .utils import atomic_folder
 
 # %% auto #0
 __all__ = ['CATEGORIES', 'SYNTHETIC_VERSION', 'shape_mask', 'texture', 'background', 'paste_object', 'render',
@@ -149,16 +149,12 @@ def make_synthetic_coco(root,            # dataset folder to create (COCO layout
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise FileExistsError(f'{root}: exists but is not a synthetic dataset made with {params}; remove it or choose another folder')
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.tmp-', dir=root.parent))
     try:
-        for k, (split, n) in enumerate((('train2017', n_train), ('val2017', n_val))): _write_split(tmp, split, n, image_size, seed, k)
-        (tmp/'synthetic.json').write_text(json.dumps(params))
-        os.chmod(tmp, dir_mode())    # mkdtemp makes it 0700: give it the umask's mode, as mkdir would
-        try: os.replace(tmp, root)   # atomic; replaces an empty `root` folder
-        except OSError:
-            if _stamp(root) != params: raise   # someone else finished the same dataset first: fine
-        fsync_dir(root.parent)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(root, overwrite=False) as tmp:   # replaces an empty `root` folder, never a full one
+            for k, (split, n) in enumerate((('train2017', n_train), ('val2017', n_val))): _write_split(tmp, split, n, image_size, seed, k)
+            (tmp/'synthetic.json').write_text(json.dumps(params))
+    except OSError:
+        if _stamp(root) != params: raise   # someone else finished the same dataset first: fine
     return root
 
 # %% ../nbs/01a_synthetic.ipynb #db0ba883

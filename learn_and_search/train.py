@@ -4,180 +4,25 @@
 
 # %% ../nbs/05_train.ipynb #94799fba
 from __future__ import annotations
-import argparse, hashlib, json, math, os, shutil, sys, time
-from dataclasses import dataclass, field, fields, asdict, replace
-from pathlib import Path
+import json, math, os, sys, time
+from dataclasses import dataclass, replace
 
 import torch, torch.distributed as dist
 from torch import nn, Tensor
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from .utils import atomic_write_json, resolve_device, resolve_precision, RunLock, run_cli, script_entry
-from .checkpoint import (save_checkpoint, load_checkpoint, periodic_checkpoints, prune_checkpoints,
-                                         truncate_metrics)
+from .utils import resolve_device, resolve_precision, run_cli, script_entry
+from .checkpoint import save_checkpoint, prune_checkpoints, truncate_metrics
 from .distributed import CachedScenes, LoaderScenes, epoch_order, init_distributed, mean_across_ranks
-from .models import LEVELS as ALL_LEVELS, check_arch, check_levels
-from .data import _is_int, check_image_size, check_crop_frac
+from .models import LEVELS as ALL_LEVELS
 from . import data as _data
-from .loss import MIN_TEMPERATURE
+from .train_config import TrainConfig, parse_config
+from .run_folder import RunFolder, check_same_data, data_fingerprint
 
 # %% auto #0
-__all__ = ['RESUME_MAY_CHANGE', 'TrainConfig', 'build_parser', 'load_config_file', 'parse_config', 'warmup_cosine', 'auto_warmup',
-           'make_optimizer', 'step_generator', 'rng_state', 'set_rng_state', 'sample_query_boxes', 'data_fingerprint',
-           'open_scenes', 'train_step', 'RunFolder', 'RunState', 'TrainingDiverged', 'train', 'main']
-
-# %% ../nbs/05_train.ipynb #ddd52031
-@dataclass
-class TrainConfig:
-    "Every setting of a training run (flags of `las-train` mirror the field names)"
-    data: str = 'synthetic'         # 'synthetic', a COCO root (with `split`) or a plain folder of images
-    split: str = 'train2017'        # COCO split folder when `data` is a COCO root
-    preset: str = 'model1'          # augmentation / head preset: model1..model4, robust
-    arch: str = 'resnet18'          # ResNet backbone of both branches
-    dim: int = 256                  # embedding size
-    weights: str|None = None        # None (random init), 'imagenet' or a state_dict path
-    epochs: int = 1                 # full passes over the images (ignored when `steps` is set)
-    steps: int|None = None          # total optimiser steps; overrides `epochs`
-    batch_size: int = 16            # global batch of scenes, split evenly across ranks
-    queries_per_scene: int = 4      # K query crops cut from each scene per step (batch_size * K query pairs a step)
-    image_size: int = 256           # scenes are resized to image_size x image_size
-    query_size: int = 64            # query crops are resized to query_size x query_size
-    crop_frac: tuple = (0.10, 0.25) # query side as a fraction of the longer image side (lo, hi)
-    lr: float = 1e-3                # peak AdamW learning rate
-    weight_decay: float = 0.05      # AdamW decoupled weight decay (not applied to norms and biases)
-    warmup_steps: int|None = None   # linear warm-up steps; None: 5% of the run, at most 1000
-    temperature: float = 0.1        # ANT-Xent temperature
-    anchor_negatives: int|None = None # None: every cell outside the box is a negative; K: sample K of them
-    levels: tuple = ALL_LEVELS      # pyramid levels trained (and evaluated)
-    out: str = 'runs/train'         # output folder: config.json, metrics.jsonl, checkpoints/
-    seed: int = 0                   # seeds weights, data order and every random draw
-    device: str = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:N'
-    resume: bool = False            # continue from out/checkpoints/last.pt (an error when there is none)
-    resume_if_exists: bool = False  # continue from out/checkpoints/last.pt when it exists, else start fresh
-    checkpoint_every: int = 50      # save every N steps (and at each epoch end)
-    keep_checkpoints: int = 3       # periodic step_*.pt files kept (the oldest are deleted; last.pt always stays)
-    snapshot_every: int|None = None # also write weights-only snapshots/step_N.pt every N steps (never pruned; for curves)
-    log_every: int = 1              # append to metrics.jsonl every N steps
-    cache: bool = True              # read scenes from the decoded-image cache (--no-cache: decode in DataLoader workers)
-    cache_dir: str|None = None      # cache folder (None: $LAS_CACHE, $XDG_CACHE_HOME/learn_and_search or ~/.cache/...)
-    skip_unreadable: bool = False   # leave unreadable images out (counted and named) instead of stopping
-    workers: int = 2                # DataLoader worker processes with --no-cache (decoding, resizing)
-    compile: bool = False           # torch.compile the model
-    precision: str = 'auto'         # 'auto' (bf16 on CUDA and CPUs with native bf16, else fp32), 'bf16' or 'fp32'
-    limit_images: int|None = None   # use only the first N images
-
-    def to_dict(self)->dict:
-        "JSON-able dict of the fields (tuples become lists)"
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d:dict)->'TrainConfig':
-        "Build from a dict (keys may use '-' or '_'); unknown keys raise ValueError"
-        d = {k.replace('-', '_'): v for k, v in d.items()}
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown: raise ValueError(f"unknown TrainConfig field(s) {unknown}; valid: {sorted(names)}")
-        for k in ('crop_frac', 'levels'):
-            if k in d and isinstance(d[k], (list, tuple)): d[k] = tuple(d[k])
-        if isinstance(d.get('levels'), str): d['levels'] = tuple(d['levels'].replace(',', ' ').split())
-        return cls(**d)
-
-# %% ../nbs/05_train.ipynb #633ba97d
-def _check(ok:bool, name:str, value, why:str):
-    if not ok: raise ValueError(f"TrainConfig.{name}={value!r}: {why}")
-
-def _chapter_check(name:str, value, check):
-    "Run a chapter's own `check(value)`, naming the field in its ValueError"
-    try: check(value)
-    except (ValueError, KeyError, TypeError) as e: raise ValueError(f"TrainConfig.{name}={value!r}: {e}") from None
-
-
-def _validate(c:TrainConfig)->TrainConfig:
-    "Raise ValueError naming the first bad field of `c`; return `c`"
-    from learn_and_search.augment import get_preset
-    for f in fields(c):   # a YAML `resume: "no"` is a truthy string: switches must be real booleans
-        if isinstance(f.default, bool):
-            _check(isinstance(getattr(c, f.name), bool), f.name, getattr(c, f.name), 'must be true or false (a boolean, not a string)')
-    _check(isinstance(c.lr, (int, float)) and c.lr > 0 and math.isfinite(c.lr), 'lr', c.lr, 'must be a positive number')
-    _check(isinstance(c.weight_decay, (int, float)) and c.weight_decay >= 0, 'weight_decay', c.weight_decay, 'must be >= 0')
-    cf = c.crop_frac
-    _chapter_check('crop_frac', cf, check_crop_frac)
-    _chapter_check('arch', c.arch, check_arch)
-    _chapter_check('preset', c.preset, get_preset)
-    _check(isinstance(c.data, str) and (c.data == 'synthetic' or Path(c.data).expanduser().exists()), 'data', c.data,
-           "no such folder (give a folder of images, a COCO root, or 'synthetic')")
-    _chapter_check('image_size', c.image_size, check_image_size)
-    _check(_is_int(c.query_size, 8) and c.query_size <= c.image_size, 'query_size', c.query_size, 'must be in [8, image_size]')
-    for name in ('dim', 'epochs', 'batch_size', 'queries_per_scene', 'checkpoint_every', 'log_every'):
-        _check(_is_int(getattr(c, name), 1), name, getattr(c, name), 'must be an integer >= 1')
-    for name in ('steps', 'anchor_negatives', 'limit_images', 'snapshot_every'):
-        v = getattr(c, name); _check(v is None or _is_int(v, 1), name, v, 'must be None or an integer >= 1')
-    _check(c.warmup_steps is None or _is_int(c.warmup_steps, 0), 'warmup_steps', c.warmup_steps, 'must be None or >= 0')
-    for name in ('workers', 'keep_checkpoints', 'seed'):
-        _check(_is_int(getattr(c, name), 0), name, getattr(c, name), 'must be an integer >= 0')
-    _check(isinstance(c.temperature, (int, float)) and c.temperature >= MIN_TEMPERATURE, 'temperature', c.temperature,
-           f"must be >= {MIN_TEMPERATURE} (the loss's minimum)")
-    _check(isinstance(c.levels, (tuple, list)), 'levels', c.levels, f'must be a non-empty subset of {list(ALL_LEVELS)}')
-    _chapter_check('levels', c.levels, check_levels)
-    _check(c.cache_dir is None or isinstance(c.cache_dir, str), 'cache_dir', c.cache_dir, 'must be a folder path or None')
-    _chapter_check('device', c.device, resolve_device)
-    _chapter_check('precision', c.precision, resolve_precision)
-    return c
-
-TrainConfig.validate = _validate
-
-# %% ../nbs/05_train.ipynb #2cd89a51
-def _opt_int(s:str): return None if str(s).lower() in ('none', 'null', '') else int(s)
-def _opt_str(s:str): return None if str(s).lower() in ('none', 'null', '') else s
-
-_FLAG_TYPES = dict(dim=int, epochs=int, steps=_opt_int, batch_size=int, queries_per_scene=int, image_size=int, query_size=int, lr=float,
-                   weight_decay=float, warmup_steps=_opt_int, temperature=float, anchor_negatives=_opt_int, seed=int,
-                   checkpoint_every=int, keep_checkpoints=int, snapshot_every=_opt_int, log_every=int, workers=int, limit_images=_opt_int,
-                   weights=_opt_str, cache_dir=_opt_str)
-
-def _field_help()->dict:
-    "The comment of each `TrainConfig` field (fastcore.docments; empty where the source is not available)"
-    from fastcore.docments import docments
-    try: return {k: v for k, v in docments(TrainConfig).items() if v}
-    except (OSError, TypeError): return {}
-
-def build_parser()->argparse.ArgumentParser:
-    "The `las-train` argument parser, one flag per `TrainConfig` field plus `--config`"
-    helps = _field_help()
-    p = argparse.ArgumentParser(prog='las-train', description='Train the Learn and Search two-branch model with ANT-Xent.',
-                                epilog='--debug shows the traceback of an error')
-    p.add_argument('--config', metavar='FILE', help='YAML or JSON file of TrainConfig fields; explicit flags override it')
-    for f in fields(TrainConfig):
-        flag = '--' + f.name.replace('_', '-')
-        text = f"{helps.get(f.name, '')} (default: {f.default!r})".strip().replace('%', '%%')   # argparse %-formats help
-        kw = dict(default=argparse.SUPPRESS, help=text)
-        if isinstance(f.default, bool): p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name == 'crop_frac': p.add_argument(flag, nargs=2, type=float, metavar=('LO', 'HI'), **kw)
-        elif f.name == 'levels': p.add_argument(flag, nargs='+', choices=ALL_LEVELS, metavar='LEVEL', **kw)
-        else: p.add_argument(flag, type=_FLAG_TYPES.get(f.name, str), **kw)
-    return p
-
-def load_config_file(path)->dict:
-    "Read a YAML or JSON config file into a dict (ValueError naming the file when it does not parse)"
-    import yaml
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    try:
-        text = path.read_text()
-        d = json.loads(text) if path.suffix.lower() == '.json' else yaml.safe_load(text)
-    except (yaml.YAMLError, ValueError) as e:
-        raise ValueError(f"config file {str(path)!r} does not parse: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    if d is None: d = {}
-    if not isinstance(d, dict): raise ValueError(f"config file {str(path)!r} must hold a mapping of fields, got {type(d).__name__}")
-    return d
-
-def parse_config(argv:list|None=None)->TrainConfig:
-    "Command line (+ optional `--config` file) -> validated `TrainConfig`"
-    ns = vars(build_parser().parse_args(argv))
-    base = load_config_file(ns.pop('config')) if ns.get('config') else {}
-    ns.pop('config', None)
-    return TrainConfig.from_dict({**{k.replace('-', '_'): v for k, v in base.items()}, **ns}).validate()
+__all__ = ['warmup_cosine', 'auto_warmup', 'make_optimizer', 'step_generator', 'rng_state', 'set_rng_state', 'sample_query_boxes',
+           'open_scenes', 'train_step', 'RunState', 'TrainingDiverged', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #4e63ecaf
 def warmup_cosine(step:int,   # optimiser steps taken so far (0 for the first step)
@@ -239,11 +84,6 @@ def _skip_hint(e:Exception, skipping:bool)->ValueError:
     if skipping: msg = msg.replace(f'; {_data.SKIP_HINT}', '')
     elif 'skip-unreadable' not in msg and 'skip_unreadable' not in msg: msg += ' (pass --skip-unreadable to leave unreadable images out)'
     return ValueError(msg)
-
-def data_fingerprint(key:dict)->dict:
-    "Count and SHA-256 of the training files (each one's name, size and mtime, and the annotations file), from `cache.source_key`"
-    stamps = json.dumps(dict(annotations=key.get('annotations'), sources=key['sources']))
-    return dict(images=len(key['sources']), sha256=hashlib.sha256(stamps.encode()).hexdigest())
 
 def open_scenes(config:TrainConfig, rank:int=0, world:int=1, device=torch.device('cpu'),
                 progress:bool=True)->tuple:   # (CachedScenes | LoaderScenes, number of images, skipped image names)
@@ -307,108 +147,6 @@ def train_step(model:nn.Module,       # LearnAndSearch (possibly DDP / compiled)
     optimizer.step(); scheduler.step()
     return out
 
-# %% ../nbs/05_train.ipynb #ecdbf53e
-RESUME_MAY_CHANGE = ('epochs', 'steps', 'out', 'device', 'resume', 'resume_if_exists', 'checkpoint_every',
-                     'keep_checkpoints', 'snapshot_every', 'log_every', 'cache', 'cache_dir', 'workers', 'compile')
-
-def _same_data(a:str, b:str)->bool:
-    if 'synthetic' in (a, b): return a == b
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-
-def _legacy_fields(saved:dict)->dict:
-    "What a checkpoint written before `queries_per_scene` and `precision` existed trained with"
-    dev = str(saved.get('device', 'cpu'))   # such runs autocast to bf16 on CUDA only
-    cuda = dev.startswith('cuda') or (dev == 'auto' and torch.cuda.is_available())
-    return dict(queries_per_scene=1, precision='bf16' if cuda else 'fp32')
-
-def _check_resumable(config:TrainConfig, saved:dict, path):
-    "Raise ValueError naming the fields that differ from the checkpoint's config"
-    names = {f.name for f in fields(TrainConfig)}
-    saved = {**_legacy_fields(saved), **saved}
-    saved = TrainConfig.from_dict({k: v for k, v in saved.items() if k in names})
-    diff = [f'{f.name}: checkpoint {getattr(saved, f.name)!r} != {getattr(config, f.name)!r}' for f in fields(TrainConfig)
-            if f.name not in RESUME_MAY_CHANGE and getattr(saved, f.name) != getattr(config, f.name)
-            and not (f.name == 'data' and _same_data(saved.data, config.data))]
-    if diff: raise ValueError(f"cannot resume from {str(path)!r}, settings changed: " + '; '.join(diff))
-
-def _check_same_data(ckpt:dict|None, now:dict, path):
-    "Refuse to resume from `ckpt` when the files it trained on changed (checkpoints from before the record: not checked)"
-    then = (ckpt or {}).get('data')
-    if then is None or then == now: return
-    what = lambda d: f"{d['images']} images, hash {d['sha256'][:12]}"
-    raise ValueError(f"cannot resume from {str(path)!r}: the training data changed since it was written ({what(then)} then, "
-                     f"{what(now)} now: images added, removed or rewritten); restore the data or train into another --out")
-
-@dataclass
-class RunFolder:
-    "The files of one run, and what this process created there (removed again if the run fails before a checkpoint)"
-    out: Path
-    created: list = field(default_factory=list)   # paths this process created, in creation order
-    lock: RunLock|None = None
-
-    @property
-    def checkpoints(self)->Path: return self.out/'checkpoints'
-    @property
-    def last(self)->Path: return self.checkpoints/'last.pt'
-
-    @classmethod
-    def open(cls, config:TrainConfig, rank:int=0)->'RunFolder':
-        "Check `config.out` and (rank 0) lock it; raise ValueError when it cannot hold this run"
-        out = Path(config.out).expanduser()
-        if out.exists() and not out.is_dir(): raise ValueError(f"--out {str(out)!r} is a file, not a folder")
-        run = cls(out)
-        if rank != 0: return run
-        new = [p for p in (out, *out.parents) if not p.exists()]            # folders this run will create, deepest first
-        had_lock = (out/'.lock').exists()
-        run.lock = RunLock(out).acquire()   # another live run: RunLockedError naming it (nothing is cleaned up then)
-        run.created = [*reversed(new)] if new else ([] if had_lock else [out/'.lock'])
-        return run
-
-    def start(self, config:TrainConfig)->dict|None:
-        "The checkpoint to resume from (None: a fresh run), after checking the folder agrees with `config`"
-        has_run = self.last.exists()
-        if has_run and not (config.resume or config.resume_if_exists):
-            raise ValueError(f"out {str(self.out)!r} already holds a run ({self.last}); pass --resume to continue it or choose another --out")
-        if config.resume and not has_run:
-            raise ValueError(f"--resume: {str(self.last)!r} does not exist (nothing to resume; use --resume-if-exists to "
-                             "start fresh when there is no checkpoint)")
-        if not has_run: return None
-        try: ckpt = load_checkpoint(self.last)
-        except ValueError as e:
-            older = [p for p in periodic_checkpoints(self.checkpoints) if not os.path.samefile(p, self.last)]
-            if older: raise ValueError(f"{e}; the periodic checkpoints hold weights only ({older[-1]} loads with load_model), "
-                                       "so this run cannot resume: train again into another --out") from None
-            raise
-        if not isinstance(ckpt.get('config'), dict) or 'step' not in ckpt:
-            raise ValueError(f"checkpoint {str(self.last)!r} is not a las-train checkpoint (no 'config' or 'step')")
-        _check_resumable(config, ckpt['config'], self.last)
-        return ckpt
-
-    def make(self, rank:int=0):
-        "Create checkpoints/ (rank 0), removing the temp files a killed run left"
-        if rank != 0: return
-        if not self.checkpoints.exists(): self.checkpoints.mkdir(parents=True); self.created.append(self.checkpoints)
-        for tmp in [*self.checkpoints.glob('.*.tmp'), *self.out.glob('.*.tmp')]: tmp.unlink(missing_ok=True)
-
-    def write_config(self, config:TrainConfig):
-        "Write config.json (it always describes the latest checkpoint's run)"
-        p = self.out/'config.json'
-        if not p.exists(): self.created.append(p)
-        atomic_write_json(p, config.to_dict())
-
-    def cleanup(self):
-        "After a failure before the first checkpoint: remove what this process created (never an existing run's files)"
-        if self.last.exists(): return
-        for p in reversed(self.created):   # newest first
-            try:
-                if p == self.out: shutil.rmtree(p)     # a folder this run created and holds the lock of
-                elif p.is_dir(): p.rmdir()             # checkpoints/ (empty without a checkpoint) or an empty parent
-                else: p.unlink(missing_ok=True)
-            except OSError: pass
-
-    def release(self):
-        if self.lock is not None: self.lock.release(); self.lock = None
-
 # %% ../nbs/05_train.ipynb #51425796
 @dataclass
 class RunState:
@@ -444,6 +182,15 @@ def _build(config:TrainConfig, device, total_steps:int, fresh:bool=True)->tuple:
                           compile=config.compile)   # --compile compiles the fused loss too (eager when gathering across ranks)
     return (model, augment, loss_fn, *make_optimizer(model, config, total_steps))
 
+def _run_state(config:TrainConfig, ckpt:dict|None, scenes, device, ddp:dict, folder:RunFolder, callback=None)->RunState:
+    "Model, augmentation, loss, optimiser and schedule for `config` on `scenes`, restored from `ckpt` when it resumes"
+    spe = scenes.steps_per_epoch
+    total = config.steps or config.epochs * spe
+    model, augment, loss_fn, opt, sched = _build(config, device, total, fresh=ckpt is None)
+    step = _restore(ckpt, model, opt, sched) if ckpt is not None else 0
+    return RunState(config, model, augment, loss_fn, opt, sched, scenes, spe, total, step, device, ddp['rank'], ddp['world'],
+                    folder, callback)
+
 def _checkpoint_state(s:RunState)->dict:
     return dict(model=s.model.state_dict(), optimizer=s.optimizer.state_dict(), scheduler=s.scheduler.state_dict(),
                 step=s.step, epoch=s.step // s.steps_per_epoch, config={**getattr(s.model, 'config', {}), **s.config.to_dict()},
@@ -478,6 +225,22 @@ def _save(s:RunState):
 class TrainingDiverged(ValueError):
     "The loss became NaN or infinite: the run stops with the last good checkpoint kept"
 
+def _one_step(s:RunState, net:nn.Module, scenes:Tensor)->tuple:   # (loss output, the step's learning rate)
+    "Step `s.step + 1`: its query boxes and every other random draw from the step's generator, one optimiser step"
+    c, lr = s.config, s.optimizer.param_groups[0]['lr']
+    g = step_generator(c.seed, s.step, s.rank, s.device)
+    boxes = sample_query_boxes(len(scenes) * c.queries_per_scene, c.image_size, c.crop_frac, g)  # (b*K, 4)
+    res = train_step(net, s.augment, s.loss_fn, s.optimizer, s.scheduler, scenes, boxes, g,
+                     amp=c.precision == 'bf16', channels_last=True)
+    if not torch.isfinite(res.loss.detach()):   # diverged: stop before NaN weights reach a checkpoint
+        raise TrainingDiverged(f"loss is {res.loss.item()} at step {s.step + 1} (lr {lr:.3g}): training diverged; "
+                               f"the last good checkpoint is {s.folder.last if s.folder.last.exists() else 'none (no step was saved)'}")
+    return res, lr
+
+def _result(s:RunState, metrics:dict|None=None)->dict:
+    return dict(step=s.step, epoch=max(0, s.step - 1) // s.steps_per_epoch, metrics=metrics, out=str(s.folder.out),
+                checkpoint=str(s.folder.last))
+
 def _loop(s:RunState)->dict:
     "The epoch/step loop of `train` on the run state `s`"
     c, net = s.config, s.model
@@ -494,19 +257,11 @@ def _loop(s:RunState)->dict:
         while s.step < s.total:
             epoch = s.step // spe
             for scenes in s.scenes.epoch(epoch, s.step % spe):
-                lr = s.optimizer.param_groups[0]['lr']
-                g = step_generator(c.seed, s.step, s.rank, s.device)
-                boxes = sample_query_boxes(len(scenes) * c.queries_per_scene, c.image_size, c.crop_frac, g)  # (b*K, 4)
-                res = train_step(net, s.augment, s.loss_fn, s.optimizer, s.scheduler, scenes, boxes, g,
-                                 amp=c.precision == 'bf16', channels_last=True)
-                if not torch.isfinite(res.loss.detach()):   # diverged: stop before NaN weights reach a checkpoint
-                    raise TrainingDiverged(f"loss is {res.loss.item()} at step {s.step + 1} (lr {lr:.3g}): training diverged; "
-                                           f"the last good checkpoint is {s.folder.last if s.folder.last.exists() else 'none (no step was saved)'}")
+                res, lr = _one_step(s, net, scenes)
                 s.step += 1
                 if s.step % c.log_every == 0 or s.step == s.total:
                     vals = mean_across_ranks(dict(loss=res.loss.detach(), avg_pos=res.avg_pos, avg_neg=res.avg_neg))
-                    dt = time.perf_counter() - t0
-                    images_s = (s.step - n0) * c.batch_size / max(dt, 1e-9)
+                    images_s = (s.step - n0) * c.batch_size / max(time.perf_counter() - t0, 1e-9)
                     metrics = dict(step=s.step, epoch=epoch, **vals, lr=lr, images_per_s=images_s,
                                    pairs_per_s=images_s * c.queries_per_scene)
                     t0, n0 = time.perf_counter(), s.step
@@ -524,49 +279,56 @@ def _loop(s:RunState)->dict:
         bar.close()
         if log is not None: log.close()
     if s.world > 1: dist.barrier()
-    return dict(step=s.step, epoch=(s.step - 1) // spe, metrics=metrics, out=str(s.folder.out), checkpoint=str(s.folder.last))
+    return _result(s, metrics)
 
 # %% ../nbs/05_train.ipynb #ae988da1
+def _training_device(config:TrainConfig, ddp:dict)->torch.device:
+    "The device this process trains on (under torchrun: its local GPU), with cuDNN autotuning on CUDA"
+    device = resolve_device(config.device)
+    if device.type == 'cuda':
+        if ddp['world'] > 1: device = torch.device('cuda', ddp['local_rank'])
+        elif device.index is None: device = torch.device('cuda', torch.cuda.current_device())
+        torch.cuda.set_device(device); torch.backends.cudnn.benchmark = True
+    return device
+
+def _report_skipped(skipped:list):
+    if skipped: print(f"las-train: skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:20])}"
+                      + (' ...' if len(skipped) > 20 else ''), file=sys.stderr)
+
+def _open_logs(s:RunState, fresh:bool):
+    "Create checkpoints/; on rank 0 write config.json (a fresh run) and cut metrics.jsonl back to the resumed step"
+    s.folder.make(s.rank)
+    if s.rank != 0: return
+    if fresh: s.folder.write_config(s.config)   # a resumed run rewrites it with its first checkpoint
+    if fresh and not (s.folder.out/'metrics.jsonl').exists(): s.folder.created.append(s.folder.out/'metrics.jsonl')
+    truncate_metrics(s.folder.out/'metrics.jsonl', s.step)
+
 def train(config:TrainConfig, # validated here
           callback=None,      # optional `callback(step, metrics)` on rank 0 after each logged step
           progress:bool=True, # show the cache build's progress bar
          )->dict:             # step, epoch, metrics (last logged), out, checkpoint, images, skipped
     "Train the two-branch model with ANT-Xent as `config` says; resumable, DDP-aware (torchrun)"
     config.validate()
-    device = resolve_device(config.device)
-    ddp = init_distributed(device.type)
+    ddp = init_distributed(resolve_device(config.device).type)
     rank, world = ddp['rank'], ddp['world']
     folder = scenes = None
     try:
         if config.batch_size % world:
             raise ValueError(f"TrainConfig.batch_size={config.batch_size} does not divide across {world} ranks")
-        if device.type == 'cuda':
-            if world > 1: device = torch.device('cuda', ddp['local_rank'])
-            elif device.index is None: device = torch.device('cuda', torch.cuda.current_device())
-            torch.cuda.set_device(device); torch.backends.cudnn.benchmark = True
+        device = _training_device(config, ddp)
         config = replace(config, precision=resolve_precision(config.precision, device))   # config.json names what ran
-        folder = RunFolder.open(config, rank)
-        ckpt = folder.start(config)
+        folder = RunFolder.open(config, rank)                                              # locked while it trains
+        ckpt = folder.start(config)                                                        # None: a fresh run
         scenes, n_images, skipped = open_scenes(config, rank, world, device, progress)
-        _check_same_data(ckpt, scenes.data_fingerprint, folder.last)
-        if skipped and rank == 0:
-            print(f"las-train: skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:20])}"
-                  + (' ...' if len(skipped) > 20 else ''), file=sys.stderr)
-        spe = scenes.steps_per_epoch
-        total = config.steps or config.epochs * spe
-        model, augment, loss_fn, opt, sched = _build(config, device, total, fresh=ckpt is None)
-        step = _restore(ckpt, model, opt, sched) if ckpt is not None else 0
-        res = dict(step=step, epoch=max(0, step - 1) // spe, metrics=None, out=str(folder.out), checkpoint=str(folder.last))
-        if step >= total:   # nothing to train: leave config.json and metrics.jsonl as the checkpoint left them
-            if rank == 0: print(f"las-train: {folder.last} is at step {step}, at or past the run's end (step {total}): nothing to do", file=sys.stderr)
-        else:
-            folder.make(rank)
-            if rank == 0:
-                if ckpt is None: folder.write_config(config)   # a resumed run rewrites it with its first checkpoint
-                if ckpt is None and not (folder.out/'metrics.jsonl').exists(): folder.created.append(folder.out/'metrics.jsonl')
-                truncate_metrics(folder.out/'metrics.jsonl', step)
-            res = _loop(RunState(config, model, augment, loss_fn, opt, sched, scenes, spe, total, step, device, rank, world,
-                                 folder, callback))
+        check_same_data(ckpt, scenes.data_fingerprint, folder.last)
+        if rank == 0: _report_skipped(skipped)
+        state = _run_state(config, ckpt, scenes, device, ddp, folder, callback)
+        if state.step < state.total:
+            _open_logs(state, fresh=ckpt is None)
+            res = _loop(state)
+        else:   # nothing to train: leave config.json and metrics.jsonl as the checkpoint left them
+            if rank == 0: print(f"las-train: {folder.last} is at step {state.step}, at or past the run's end (step {state.total}): nothing to do", file=sys.stderr)
+            res = _result(state)
         return {**res, 'images': n_images, 'skipped': skipped}
     except BaseException:
         if folder is not None and rank == 0: folder.cleanup()

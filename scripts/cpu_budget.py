@@ -31,7 +31,8 @@ def child(spec:dict)->dict:
     "One setting: probe its speed, train for the budget, evaluate; the result as a dict"
     import torch
     torch.set_num_threads(1)
-    from learn_and_search.train import TrainConfig, train
+    from learn_and_search.train import train
+    from learn_and_search.train_config import TrainConfig
     from learn_and_search.models import load_model
     from learn_and_search.evaluate import evaluate
     from learn_and_search.gallery import open_gallery

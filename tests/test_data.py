@@ -11,8 +11,9 @@ import torch
 from PIL import ExifTags, Image
 
 import learn_and_search.data as data
-from learn_and_search.data import (CocoImages, FolderImages, ImageReadError, LearnPairs, exif_boxes, load_image,
-                                   object_queries, open_images, random_crop_queries)
+from learn_and_search.data import (CocoImages, FolderImages, ImageReadError, check_readable, exif_boxes, load_image,
+                                   mix_seed, object_queries, open_images, random_crop_queries, resize_square,
+                                   sample_query_box)
 from learn_and_search.synthetic import synthetic_coco
 
 # ---------------------------------------------------------------- helpers
@@ -103,7 +104,7 @@ def test_unreadable_file(coco, make, reason, caplog):
         x, y = ds[0], ds[0]   # the unreadable image is replaced by the next one, logged and counted once
     assert x['image_id'] == 2 and x['index'] == 1 and len(ds.skipped) == 1 and 'a.jpg' in ds.skipped[0][0]
     assert caplog.text.count('skipped unreadable image') == 1
-    assert ds.verify() == 1 and len(ds) == 1 and ds.ids == [2]
+    assert check_readable(ds) == [] and len(ds.skipped) == 1 and len(ds) == 1 and ds.ids == [2]   # removed, counted once
 
 def test_all_unreadable(tmp_path):
     (tmp_path/'a.jpg').write_bytes(b'x')
@@ -231,12 +232,20 @@ def test_open_images(tmp_path, monkeypatch, coco):
     ds = open_images('synthetic', 'val2017')
     assert len(ds) == 2 and ds.root.parent == tmp_path/'cache' and len(ds.categories) == 6
 
+class ItemPairs(torch.utils.data.Dataset):
+    "Scene and query box of each image, the box seeded by `mix_seed(seed, epoch, index)` (one box per item, any process)"
+    def __init__(self, images, image_size, seed, epoch): self.images, self.S, self.seed, self.epoch = images, image_size, seed, epoch
+    def __len__(self): return len(self.images)
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, i))
+        return resize_square(self.images[i]['image'], self.S), sample_query_box(self.S, self.S, g)
+
 def test_learn_pairs_workers(tmp_path):
     "Boxes depend on (seed, epoch, index) only: the same with 0 or 2 DataLoader workers"
     (tmp_path/'val2017').mkdir()
     for i in range(6): rgb(40, 30, (i * 40, 0, 0)).save(tmp_path/'val2017'/f'{i}.png')
     ds = CocoImages(write_coco(tmp_path, [(i, f'{i}.png', 40, 30) for i in range(6)]))
-    pairs = LearnPairs(ds, image_size=64, seed=5); pairs.set_epoch(2)
+    pairs = ItemPairs(ds, image_size=64, seed=5, epoch=2)
     def boxes(workers): return torch.cat([b for _, b in torch.utils.data.DataLoader(pairs, batch_size=2, num_workers=workers)])
     b0 = boxes(0)
     assert torch.equal(b0, boxes(2)) and b0.shape == (6, 4)
@@ -268,7 +277,7 @@ def test_real_coco(coco_root, split):
     boxes = torch.stack([q['box'] for q in qs])
     assert (boxes >= 0).all() and (boxes[:, :2] + boxes[:, 2:] <= 256 + 1e-3).all()
     assert len(random_crop_queries(ds, n_per_image=2)) == 2 * len(ds)
-    scene, box = LearnPairs(ds, image_size=256)[0]
+    scene, box = resize_square(ds[0]['image'], 256), sample_query_box(256, 256, torch.Generator().manual_seed(0))
     assert scene.shape == (3, 256, 256) and box.shape == (4,)
 
 # ---------------------------------------------------------------- annotation files, small images, original sizes
@@ -332,11 +341,11 @@ def test_cache_build_killed_with_sigkill_is_not_reused(tmp_path):
     p = subprocess.Popen([sys.executable, '-c', code])
     try:
         deadline = time.time() + 120
-        while not any(f.stat().st_size > 0 for f in caches.glob('.*.tmp-*/images.u8')):
+        while not any(f.stat().st_size > 0 for f in caches.glob('.*.tmp/images.u8')):
             assert p.poll() is None and time.time() < deadline, 'the build ended before it could be killed'
             time.sleep(0.05)
     finally: p.kill(); p.wait()
     assert [f.name for f in caches.iterdir() if not f.name.startswith('.')] == []        # no cache was installed
     c = image_cache(syn, 'train2017', 32, cache_dir=caches, progress=False)
-    assert len(c) == 8 and not list(caches.glob('.*.tmp-*'))
+    assert len(c) == 8 and not list(caches.glob('.*.tmp'))
     assert all(torch.equal(c[i]['image'], data.resize_square(load_image(syn/c.names[i]), 32)) for i in range(8))

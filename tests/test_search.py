@@ -433,11 +433,12 @@ def test_build_skip_unreadable_counts_and_names_bad_images(tmp_path):
 
 
 def test_library_imports_without_fastcore():
-    """The search modules import without fastcore (a requirement that only las-train's help texts import, lazily), as on a
+    """The search and training modules import without fastcore (a requirement that only las-train's help texts import, lazily), as on a
     machine with just torch, numpy and faiss, such as the GPU machine `scripts/gpu_run.sh` expects"""
     code = ("import sys; sys.modules['fastcore'] = None; "        # any `import fastcore...` now raises ImportError
             "import learn_and_search.index, learn_and_search.embed, learn_and_search.index_store, "
-            "learn_and_search.search, learn_and_search.search_cli, learn_and_search.bench_search")
+            "learn_and_search.search, learn_and_search.search_cli, learn_and_search.bench_search, "
+            "learn_and_search.train, learn_and_search.train_config, learn_and_search.run_folder")
     p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
 

@@ -327,7 +327,8 @@ LEARN = dict(image_size=64, query_size=32, batch_size=32, dim=128, levels=["P3",
 def test_training_on_real_photos_learns_to_localize(tmp_path):
     "A short CPU run on real photos raises held-out localization accuracy >= 3x random init and above chance"
     from learn_and_search.data import open_images
-    from learn_and_search.train import TrainConfig, train
+    from learn_and_search.train import train
+    from learn_and_search.train_config import TrainConfig
     from learn_and_search.models import load_model
     train_data = os.environ.get('COCO_UNLABELED') or str(Path(COCO_ROOT)/'train2017')
     cfg = TrainConfig(data=train_data, out=str(tmp_path/'run'), cache_dir=str(tmp_path/'cache'),
