@@ -185,7 +185,7 @@ def per_category_frame(m:Metrics)->pd.DataFrame:   # index: category_id; columns
                        'chance': [c.get('chance_p_at_10') for c in base]},
                       index=pd.Index([c['category_id'] for c in base], name='category_id')).astype({'chance': float})
     for name, f in method_figures(m).items():
-        df[name] = pd.Series({c['category_id']: c['p_at_10'] for c in f.get('per_category') or []}, dtype=float)
+        df[name] = pd.Series({c['category_id']: c['p_at_10'] for c in f.get('per_category') or []}, dtype=float).reindex(df.index)
     return df
 
 def loss_frame(m:Metrics)->pd.DataFrame:   # rows: avg_pos, avg_neg, loss; columns: model, random init

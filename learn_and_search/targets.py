@@ -24,7 +24,7 @@ def _throughput(log:pd.DataFrame, skip:int=2)->float|None:
     return float(log['pairs_per_s'].iloc[skip:].median())
 
 def target_rows(metrics:dict,  # model name -> `evaluate` metrics; the first holds the baselines
-                logs:dict,     # model name -> training log (`figures.read_log`)
+                logs:dict,     # model name -> training log (`paper_tables.read_log`)
                 targets:dict,  # sga=(model, goal), riga_ratio=(model, goal), hard=(model, goal), throughput=(model, goal),
                                # retrieval=model: any subset
                )->pd.DataFrame:  # target, goal, ours, met, by (ours - goal; ratio - goal for the ratio)
