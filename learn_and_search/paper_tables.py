@@ -43,7 +43,10 @@ def with_intervals(df:pd.DataFrame, digits:int=3)->pd.DataFrame:   # from `sga_t
     return pd.DataFrame({c: [fmt(*r) for r in zip(df[c], df[f'{c} lo'], df[f'{c} hi'])] for c in cols}, index=df.index)
 
 # %% ../nbs/08a_paper_tables.ipynb #13b04093
-def _side_by_side(metrics:dict, own:dict, shared:dict)->pd.DataFrame:   # `retrieval_frame` row -> label ('{}': the model)
+def _side_by_side(metrics:dict,  # model name -> `evaluate` metrics
+                  own,           # a model's `retrieval_frame` -> {row: label}, '{}' in the label for the model name
+                  shared:dict,   # row -> label of the rows taken from the first model only
+                 )->pd.DataFrame:
     "Rows `own` of every model's `retrieval_frame`, then rows `shared` of the first model's (its baselines and chance)"
     frames = {name: retrieval_frame(m) for name, m in metrics.items()}
     return pd.concat([_rows(f, {r: label.format(name) for r, label in own(f).items()}) for name, f in frames.items()]
