@@ -4,16 +4,14 @@
 
 # %% ../nbs/06cc_metric_tables.ipynb #mt000003
 from __future__ import annotations
-import json
-from functools import cache
 from typing import TypedDict
 import pandas as pd
 
 # %% auto #0
 __all__ = ['Rates', 'Intervals', 'AtK', 'PROTOCOLS', 'KS', 'METHODS', 'CATEGORY_COLUMNS', 'HUBNESS_COLUMNS', 'LOSS_KEYS',
            'CategoryFigures', 'CategoryRow', 'Skew', 'Hubness', 'RetrievalFigures', 'ChanceFigures', 'MethodFigures',
-           'TemplateMatching', 'Baselines', 'Metrics', 'metric', 'example_metrics', 'levels', 'sga_frame',
-           'method_figures', 'retrieval_ks', 'retrieval_row', 'retrieval_frame', 'per_category_frame', 'loss_frame']
+           'TemplateMatching', 'Baselines', 'Metrics', 'metric', 'levels', 'sga_frame', 'method_figures',
+           'retrieval_ks', 'retrieval_row', 'retrieval_frame', 'per_category_frame', 'loss_frame']
 
 # %% ../nbs/06cc_metric_tables.ipynb #mt000007
 Rates = dict       # level ('P3', ..., 'all') -> share of queries found
@@ -86,28 +84,6 @@ def metric(m:dict|None, *keys):
     "`m[k0][k1]...` of a metrics dict, or None where a key is missing (a skipped part, an older file)"
     for k in keys: m = m.get(k) if isinstance(m, dict) else None
     return m
-
-# %% ../nbs/06cc_metric_tables.ipynb #mt000012
-@cache
-def _example_json(models:tuple, n_images:int)->str:
-    from learn_and_search.data import open_images
-    from learn_and_search.evaluate import evaluate
-    from learn_and_search.gallery import Gallery
-    from learn_and_search.models import random_init_model
-    val, train = open_images('synthetic', 'val2017'), open_images('synthetic', 'train2017')
-    gallery = Gallery([val, train], exclude_ids=set(train.ids[:2]))
-    out = {}
-    for seed, preset in enumerate(models):
-        model, twin = (random_init_model({'preset': preset}, seed=seed) for _ in range(2))
-        out[preset] = evaluate(model, gallery, image_size=128, max_images=n_images, random_init=twin, batch_size=n_images,
-                               queries_per_image=2, reference=train, n_reference=8, n_boot=100, seed=seed)
-    return json.dumps(out, default=str)
-
-def example_metrics(models:tuple=('model1', 'model4'),  # presets, each evaluated at random init (seeds 0, 1, ...)
-                    n_images:int=8,                    # gallery images
-                   )->dict:                            # model -> metrics, as read back from `metrics.json`
-    "Real `evaluate` output of tiny random-init models on synthetic data, for examples and tests (a fresh copy each call)"
-    return json.loads(_example_json(tuple(models), n_images))
 
 # %% ../nbs/06cc_metric_tables.ipynb #mt000015
 PROTOCOLS = {'standard': '', 'hard': '_hard', 'strict': '_strict'}   # query protocol -> suffix of its keys
