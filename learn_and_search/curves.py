@@ -10,6 +10,7 @@ import numpy as np, pandas as pd
 import matplotlib
 matplotlib.use('Agg')   # files only: works headless and inside papermill kernels
 import matplotlib.pyplot as plt
+from .metric_tables import metric
 
 # %% auto #0
 __all__ = ['pairs_seen', 'snapshot_paths', 'curve_point', 'evaluate_snapshots', 'curve_table', 'curve_markdown_frame',
@@ -29,7 +30,7 @@ def snapshot_paths(run)->list:   # a las-train --out folder -> its snapshots, ol
 def curve_point(metrics:dict,  # `evaluate` metrics (JSON round-tripped or not)
                 step:int, pairs:int)->dict:
     "One point of a curve: SGA (all levels) with its 95% interval, standard and hard queries"
-    get = lambda k: (metrics.get(k) or {}).get('all')
+    get = lambda k: metric(metrics, k, 'all')
     return dict(step=int(step), pairs=int(pairs), sga=get('sga'), sga_ci=get('sga_ci'), sga_hard=get('sga_hard'),
                 sga_hard_ci=get('sga_hard_ci'))
 

@@ -5,6 +5,7 @@
 # %% ../nbs/06d_report.ipynb #a6d0c003
 from __future__ import annotations
 import csv, io
+import pandas as pd
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,9 @@ from .hubness import adjust_scores, k_occurrence, reference_stats
 from .metrics import (
     CATEGORY_K, category_retrieval, chance_per_query, chance_sga, gap_ratio, per_category, query_retrieval, retrieval_chance,
     retrieval_metrics, sga_intervals, sga_rates)
-from .utils import markdown_table
+from .metric_tables import (
+    METHODS, HUBNESS_COLUMNS, PROTOCOLS, levels, loss_frame, metric, per_category_frame, retrieval_frame, sga_frame)
+from .utils import frame_markdown
 if TYPE_CHECKING:   # the pass's types, for the annotations only (`evaluate` imports this module)
     from learn_and_search.evaluate import BaselineTally, LocalizationQueries, MethodTally, ObjectQueries, RunQueries
 
@@ -204,115 +207,83 @@ def per_query_csv(rows:list, levels)->str:
     return buf.getvalue()
 
 # %% ../nbs/06d_report.ipynb #db20048d
-def _get(d, *keys):
-    "`d[k0][k1]...`, or None where a key is missing"
-    for k in keys: d = d.get(k) if isinstance(d, dict) else None
-    return d
+def _with_ci(v, lo=None, hi=None)->str:   # a rate with its interval: '0.512 [0.478, 0.547]'
+    if v is None or pd.isna(v): return '–'
+    return f"{v:.3f}" + ('' if lo is None or pd.isna(lo) else f" [{lo:.3f}, {hi:.3f}]")
 
-def _with_ci(v, ci=None)->str:   # a rate with its interval: '0.512 [0.478, 0.547]'
-    if v is None: return '–'
-    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else '')
+def _sga(f:pd.DataFrame, method:str, level:str, ci:bool=True)->str:   # one cell of a `sga_frame`, with its interval
+    if method not in f.index: return '–'
+    return _with_ci(f.at[method, level], *((f.at[method, f'{level} lo'], f.at[method, f'{level} hi']) if ci else ()))
 
 def _localization_table(m:dict)->str:
-    b, s, nq = m.get('baselines') or {}, m.get('settings') or {}, m.get('n_queries') or {}
-    levels = [k for k in (m.get('sga') or m.get('sga_hard') or {}) if k != 'all'] + ['all']
-    cols = [('SGA [95% CI]', 'sga', 'sga_ci'), ('SGA hard [95% CI]', 'sga_hard', 'sga_hard_ci'), ('SGA strict', 'sga_strict', None),
-            ('RIGA [95% CI]', 'riga', 'riga_ci'), ('RIGA hard', 'riga_hard', 'riga_hard_ci'), ('gap_r', 'gap_r', None),
-            ('gap_r hard', 'gap_r_hard', None), ('chance', 'chance_sga', None), ('chance strict', 'chance_sga_strict', None)]
-    rows = [[k] + [_with_ci(_get(m, key, k), ci and _get(m, ci, k)) for _, key, ci in cols] for k in levels]
-    tm, inet = b.get('template_matching'), b.get('imagenet_resnet') or {}
-    if tm: rows.append(['template matching (NCC)', _with_ci(tm.get('sga'), tm.get('sga_ci')),
-                        _with_ci(tm.get('sga_hard'), tm.get('sga_hard_ci'))] + ['–'] * 7)
-    if inet.get('sga') or inet.get('sga_hard'):
-        rows.append(['ImageNet ResNet (C4)', _with_ci(_get(inet, 'sga', 'all'), _get(inet, 'sga_ci', 'all')),
-                     _with_ci(_get(inet, 'sga_hard', 'all'), _get(inet, 'sga_hard_ci', 'all')),
-                     _with_ci(_get(inet, 'sga_strict', 'all'))] + ['–'] * 6)
-    rows.append(['chance (box area)'] + ['–'] * 7 + [_with_ci(_get(m, 'chance_sga', 'area')), '–'])
-    per_image = s.get('queries_per_image', '?')
-    interval = _get(s, 'interval', 'n_boot')
-    return (f"### Localization: Similarity Grid Accuracy\n\n{nq.get('localization', '?')} queries ({per_image} per image) on "
-            f"a gallery of {m.get('gallery_size', '?')} images, scene {s.get('image_size', '?')} px, query "
-            f"{s.get('query_size', '?')} px, seed {s.get('seed', '?')}; 95% intervals: percentile bootstrap over images "
-            f"({interval or '?'} resamples).\n\n" + markdown_table(['level'] + [c for c, *_ in cols], rows))
+    f, s, nq = {p: sga_frame(m, p) for p in PROTOCOLS}, m.get('settings') or {}, m.get('n_queries') or {}
+    std, hard, strict, inet = f['standard'], f['hard'], f['strict'], 'ImageNet ResNet features'
+    cols = ['SGA [95% CI]', 'SGA hard [95% CI]', 'SGA strict', 'RIGA [95% CI]', 'RIGA hard', 'gap_r', 'gap_r hard', 'chance',
+            'chance strict']
+    rows = {k: [_sga(std, 'model', k), _sga(hard, 'model', k), _sga(strict, 'model', k, False), _sga(std, 'random init', k),
+                _sga(hard, 'random init', k), _with_ci(metric(m, 'gap_r', k)), _with_ci(metric(m, 'gap_r_hard', k)),
+                _sga(std, 'chance', k, False), _sga(strict, 'chance', k, False)] for k in levels(m)}
+    if metric(m, 'baselines', 'template_matching'):
+        rows['template matching (NCC)'] = [_sga(p, 'template matching (NCC)', 'all') for p in (std, hard)] + ['–'] * 7
+    if inet in std.index or inet in hard.index:
+        rows['ImageNet ResNet (C4)'] = [_sga(std, inet, 'all'), _sga(hard, inet, 'all'), _sga(strict, inet, 'all', False)] + ['–'] * 6
+    rows['chance (box area)'] = ['–'] * 7 + [_with_ci(metric(m, 'chance_sga', 'area')), '–']
+    table = pd.DataFrame.from_dict(rows, orient='index', columns=cols).rename_axis('level')
+    return (f"### Localization: Similarity Grid Accuracy\n\n{nq.get('localization', '?')} queries "
+            f"({s.get('queries_per_image', '?')} per image) on a gallery of {m.get('gallery_size', '?')} images, scene "
+            f"{s.get('image_size', '?')} px, query {s.get('query_size', '?')} px, seed {s.get('seed', '?')}; 95% intervals: "
+            f"percentile bootstrap over images ({metric(s, 'interval', 'n_boot') or '?'} resamples).\n\n" + frame_markdown(table))
 
-def _methods(m:dict)->list:   # (label, figures) of every retrieval method, chance last
-    b = m.get('baselines') or {}
-    out = [('model', m), ('random init', b.get('random_init') or {}), ('colour histogram', b.get('colour_histogram') or {}),
-           ('ImageNet ResNet', b.get('imagenet_resnet') or {})]
-    return [(n, d) for n, d in out if d.get('top_k_instance') is not None] + [('chance', m.get('retrieval_chance') or {})]
+def _row_label(c:str)->str:   # a `retrieval_frame` column as a row of the retrieval table
+    if c.startswith('top-') and c.endswith(' category'): return c + " (paper's reading)"
+    return {'top-1% share of top-10': 'top-10 slots of the most-returned 1% (k-occurrence)',
+            'max k-occurrence': 'max k-occurrence (top-10)'}.get(c, c.replace(', no person', ' without person'))
 
-_CATEGORY_ROWS = [('P@10 micro', 'p_at_10_micro'), ('P@10 macro', 'p_at_10_macro'), ('mAP micro', 'map_micro'),
-                  ('mAP macro', 'map_macro')]
-
-def _retrieval_table(m:dict)->str:
-    G, nq, names = m['gallery_size'], m.get('n_queries') or {}, _methods(m)
-    rows = []
-    for key, label in (('top_k_instance', 'top-{} instance'), ('top_k_category', "top-{} category (paper's reading)"),
-                       ('precision_at_k', 'P@{}')):
-        rows += [[label.format(k)] + [_get(d, key, k) for _, d in names] + [G] for k in m[key]]
-    rows.append(['mAP'] + [d.get('map') for _, d in names] + [G])
-    for part, sfx in (('all', ''), ('no_person', ' without person')):
-        rows += [[label + sfx] + [_get(d, 'category_retrieval', part, key) for _, d in names] + [G] for label, key in _CATEGORY_ROWS]
-    hub = [('top-10 slots of the most-returned 1% (k-occurrence)', 'top1pct_share'), ('max k-occurrence (top-10)', 'max_count')]
-    for label, key in hub:
-        rows.append([label] + [_get(d, 'hubness', 'max', key) if n != 'chance' else
-                               (_get(m, 'hubness', 'uniform_share') if key == 'top1pct_share' else None) for n, d in names] + [G])
-    g = m.get('gallery') or {}
+def _retrieval_table(m:dict, rf:pd.DataFrame)->str:   # rf: `retrieval_frame(m)`
+    G, nq, g = m['gallery_size'], m.get('n_queries') or {}, m.get('gallery') or {}
+    by_max = rf[rf.index.get_level_values('score').isin(('max', '–'))].droplevel('score')
+    order = [c for c in rf.columns if c not in (*HUBNESS_COLUMNS, 'gallery')] + list(HUBNESS_COLUMNS)[::-1]
+    table = by_max[order].T.rename(index=_row_label).rename_axis('metric')
+    table['gallery size'] = G
     parts = ', '.join(f"{Path(p['data']).name}/{p['split'] or ''}: {p['n_kept']} of {p['n_images']}" for p in g.get('parts', []))
     return (f"\n### Retrieval\n\n{nq.get('retrieval')} object queries; gallery of {G} images"
             + (f" ({parts}; {g.get('removed_training', 0)} removed as training images)" if parts else '') + ". Chance: exact "
             "expectation under a uniformly random ranking. \"top-k category\" is the paper's reading: any of the top k "
-            "(source removed) holds the query's category.\n\n"
-            + markdown_table(['metric'] + [n for n, _ in names] + ['gallery size'], rows))
+            "(source removed) holds the query's category.\n\n" + frame_markdown(table))
 
-def _score_table(m:dict)->str:
-    G, rows = m['gallery_size'], []
-    cols = [('top-1 instance', ('top_k_instance', '1')), ("top-10 category (paper's reading)", ('top_k_category', '10')),
-            ('P@10 micro', ('category_retrieval', 'all', 'p_at_10_micro')), ('P@10 macro', ('category_retrieval', 'all', 'p_at_10_macro')),
-            ('mAP micro', ('category_retrieval', 'all', 'map_micro')), ('mAP macro', ('category_retrieval', 'all', 'map_macro')),
-            ('P@10 macro w/o person', ('category_retrieval', 'no_person', 'p_at_10_macro'))]
-    for name, d in _methods(m)[:-1]:
-        for mode in ('max', *REDUCED_MODES):
-            f = d if mode == 'max' else _get(d, 'hubness_reduced', mode)
-            if not f: continue
-            label = 'max over cells (paper)' if mode == 'max' else f'{mode} (hubness-reduced)'
-            rows.append([name, label] + [_get(f, *path) for _, path in cols] +
-                        [_get(d, 'hubness', mode, 'top1pct_share'), _get(d, 'hubness', mode, 'max_count'), G])
-    ch = m.get('retrieval_chance') or {}
-    rows.append(['chance', '–'] + [_get(ch, *path) for _, path in cols] + [_get(m, 'hubness', 'uniform_share'), None, G])
+_SCORE_COLUMNS = {'top-1 instance': 'top-1 instance', 'top-10 category': "top-10 category (paper's reading)",
+                  'P@10 micro': 'P@10 micro', 'P@10 macro': 'P@10 macro', 'mAP micro': 'mAP micro', 'mAP macro': 'mAP macro',
+                  'P@10 macro, no person': 'P@10 macro w/o person', 'top-1% share of top-10': 'top-1% share',
+                  'max k-occurrence': 'max count', 'gallery': 'gallery size'}
+
+def _score_table(m:dict, rf:pd.DataFrame)->str:   # rf: `retrieval_frame(m)`
+    label = lambda s: 'max over cells (paper)' if s == 'max' else s if s == '–' else f'{s} (hubness-reduced)'
+    table = rf.reindex(columns=list(_SCORE_COLUMNS)).rename(columns=_SCORE_COLUMNS).reset_index(level='score')
+    table['score'] = table['score'].map(label)
     return (f"\n### Retrieval by image score: the paper's max over cells and hubness-reduced scores\n\nReference queries: "
             f"{(m.get('n_queries') or {}).get('reference', 0)} random crops of images outside the gallery. k-occurrence: "
             "share of all top-10 slots taken by the most-returned 1% of the gallery, and the largest count.\n\n"
-            + markdown_table(['method', 'image score'] + [c for c, _ in cols] + ['top-1% share', 'max count', 'gallery size'], rows))
+            + frame_markdown(table.rename(columns={'score': 'image score'})))
 
 def _category_table(m:dict)->str:
-    names = _methods(m)[:-1]
-    by = [{c['category_id']: c['p_at_10'] for c in d.get('per_category') or []} for _, d in names]
-    rows = [[c['category'], c['n_queries'], c.get('chance_p_at_10')] + [b.get(c['category_id']) for b in by]
-            for c in m.get('per_category') or []]
-    return (f"\n### P@10 of the {len(rows)} most frequent query categories\n\nGallery of {m['gallery_size']} images.\n\n"
-            + markdown_table(['category', 'queries', 'chance'] + [n for n, _ in names], rows))
+    table = per_category_frame(m).rename(columns={'n_queries': 'queries'}).set_index('category')
+    return (f"\n### P@10 of the {len(table)} most frequent query categories\n\nGallery of {m['gallery_size']} images.\n\n"
+            + frame_markdown(table))
 
 def metrics_markdown(m:dict)->str:   # result of `evaluate`
     "Markdown tables of `evaluate`'s metrics, baselines beside each figure"
     out = [_localization_table(m)]
     if m.get('top_k_instance') is not None:
-        out.append(_retrieval_table(m))
-        if any(_get(d, 'hubness_reduced') for _, d in _methods(m)[:-1]) or m.get('hubness'): out.append(_score_table(m))
+        rf = retrieval_frame(m)
+        out.append(_retrieval_table(m, rf))
+        if (rf.index.get_level_values('score') != 'max').sum() > 1 or m.get('hubness'): out.append(_score_table(m, rf))
         if m.get('per_category'): out.append(_category_table(m))
     if m.get('loss') is not None:
-        ri = _get(m, 'baselines', 'random_init') or {}
-        out += [f"\n### Contrastive loss on the evaluation queries\n\nGallery of {m.get('gallery_size', '?')} images.\n\n" +
-                markdown_table(['', 'model', 'random init'], [[k, m.get(k), ri.get(k)] for k in ('avg_pos', 'avg_neg', 'loss')])]
+        out += [f"\n### Contrastive loss on the evaluation queries\n\nGallery of {m.get('gallery_size', '?')} images.\n\n"
+                + frame_markdown(loss_frame(m))]
     if m.get('notes'): out += ['\n' + '\n'.join(f"- {k}: {v}" for k, v in m['notes'].items()) + '\n']
     return ''.join(out)
 
 def per_category_csv(m:dict)->str:
     "The per-category P@10 table as CSV: category_id, category, n_queries, chance, one column per method"
-    names = _methods(m)[:-1]
-    by = [{c['category_id']: c['p_at_10'] for c in d.get('per_category') or []} for _, d in names]
-    buf = io.StringIO(); w = csv.writer(buf, lineterminator='\n')
-    w.writerow(['category_id', 'category', 'n_queries', 'chance'] + [n.replace(' ', '_').lower() for n, _ in names])
-    for c in m.get('per_category') or []:
-        w.writerow([c['category_id'], c['category'], c['n_queries'], c.get('chance_p_at_10')] + [b.get(c['category_id'], '') for b in by])
-    return buf.getvalue()
+    return per_category_frame(m).rename(columns={v: k for k, v in METHODS.items()}).to_csv(lineterminator='\n')

@@ -229,7 +229,7 @@ def evaluate_step(checkpoint=None, data='synthetic', split='val2017', image_size
     "Evaluate one checkpoint with its random-init twin (the work of `nbs/paper/evaluate.ipynb`), and with `curve` the run's snapshots"
     import tempfile
     from learn_and_search.evaluate import EvalSettings, EvalSpec, run_evaluation
-    import learn_and_search.figures as F
+    from learn_and_search import figure_examples as E, paper_tables as T, results as R
     out = Path(out or tempfile.mkdtemp(prefix='las-eval-'))
     if checkpoint is None:   # standalone run: a two-step model on synthetic scenes
         checkpoint = train_model(dim=32, image_size=image_size or 64, query_size=query_size or 32, seed=seed,
@@ -243,9 +243,9 @@ def evaluate_step(checkpoint=None, data='synthetic', split='val2017', image_size
     dev, S, q = next(model.parameters()).device, metrics['settings']['image_size'], metrics['settings']['query_size']
     name = model.config['preset']
     log_path = Path(checkpoint).parent.parent/'metrics.jsonl'
-    logs = {name: F.read_log(log_path)} if log_path.is_file() else {}
-    F.write_tables(F.run_tables({name: metrics}, logs), out)
-    F.save_examples(F.similarity_examples(model, gallery, n_examples, S, q, seed=seed, device=dev), out/'heatmaps.npz')
+    logs = {name: T.read_log(log_path)} if log_path.is_file() else {}
+    T.write_tables(R.run_tables({name: metrics}, logs), out)
+    E.save_examples(E.similarity_examples(model, gallery, n_examples, S, q, seed=seed, device=dev), out/'heatmaps.npz')
     if curve:   # SGA against training pairs: the run's snapshots on the same queries
         from learn_and_search.curves import evaluate_snapshots, write_curve
         from learn_and_search.checkpoint import load_checkpoint
@@ -253,8 +253,8 @@ def evaluate_step(checkpoint=None, data='synthetic', split='val2017', image_size
                                  query_size=q, queries=queries, seed=seed, max_images=max_images)
         write_curve(pts, out/'curve.json')
     if metrics.get('top_k_instance') is not None:
-        tk = F.topk_examples(model, gallery, n_queries, k, S, max_images=metrics['gallery_size'], device=dev)
-        atomic_write_json(out/'topk.json', F.topk_record(tk, gallery, S))
+        tk = E.topk_examples(model, gallery, n_queries, k, S, max_images=metrics['gallery_size'], device=dev)
+        atomic_write_json(out/'topk.json', E.topk_record(tk, gallery, S))
     return metrics
 
 # %% ../nbs/08_reproduce.ipynb #6dd1bfed
@@ -262,7 +262,7 @@ def figures_step(runs=None, models=('model1',), grid='standalone', data='synthet
                  query_size=32, k=5, seed=0, device='cpu', command=None, out=None)->Path:
     "Tables, figures and README of a run folder (the work of `nbs/paper/figures.ipynb`); returns the README's path"
     import tempfile
-    import learn_and_search.figures as F
+    import learn_and_search.results as F
     out, models = Path(out or tempfile.mkdtemp(prefix='las-figures-')), list(models)
     if runs is None:   # standalone: a tiny run of its own
         runs = Path(tempfile.mkdtemp(prefix='las-run-'))

@@ -5,18 +5,19 @@
 # %% ../nbs/06f_targets.ipynb #tg0002
 from __future__ import annotations
 import pandas as pd
+from .metric_tables import metric
 
 # %% auto #0
 __all__ = ['target_rows', 'target_markdown_frame']
 
 # %% ../nbs/06f_targets.ipynb #tg0005
-def _all(m:dict, key:str): return (m.get(key) or {}).get('all')
+def _all(m:dict, key:str): return metric(m, key, 'all')
 
 def _ci(m:dict, key:str)->str:
     v, ci = _all(m, key), _all(m, key + '_ci')
     return '–' if v is None else f"{v:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else '')
 
-def _macro_map(m:dict|None): return (((m or {}).get('category_retrieval') or {}).get('all') or {}).get('map_macro')
+def _macro_map(m:dict|None): return metric(m, 'category_retrieval', 'all', 'map_macro')
 
 def _throughput(log:pd.DataFrame, skip:int=2)->float|None:
     "Median query pairs per second of a training log's steps after the first `skip`"
@@ -24,7 +25,7 @@ def _throughput(log:pd.DataFrame, skip:int=2)->float|None:
     return float(log['pairs_per_s'].iloc[skip:].median())
 
 def target_rows(metrics:dict,  # model name -> `evaluate` metrics; the first holds the baselines
-                logs:dict,     # model name -> training log (`figures.read_log`)
+                logs:dict,     # model name -> training log (`paper_tables.read_log`)
                 targets:dict,  # sga=(model, goal), riga_ratio=(model, goal), hard=(model, goal), throughput=(model, goal),
                                # retrieval=model: any subset
                )->pd.DataFrame:  # target, goal, ours, met, by (ours - goal; ratio - goal for the ratio)
