@@ -18,7 +18,8 @@ from .models import similarity_maps
 
 # %% auto #0
 __all__ = ['QUERY_PROTOCOLS', 'eval_query_params', 'eval_queries', 'LocalizationQueries', 'ObjectQueries', 'object_crops',
-           'RunQueries', 'PassConfig', 'MethodTally', 'BaselineTally', 'evaluation_pass']
+           'RunQueries', 'PassConfig', 'ObjectRanking', 'MethodTally', 'BaselineTally', 'evaluation_pass',
+           'object_ranking']
 
 # %% ../nbs/06b_eval_pass.ipynb #46dfdeb9
 QUERY_PROTOCOLS = ('standard', 'hard', 'both')
@@ -59,6 +60,11 @@ class LocalizationQueries:
         return cls(torch.tensor([int(x['index']) for x in q], dtype=torch.long),
                    torch.stack([torch.as_tensor(x['box']).float() for x in q]).reshape(-1, 4),
                    eval_query_params(len(q), seed), per_image)
+
+    @classmethod
+    def none(cls)->'LocalizationQueries':
+        "No SGA queries (a pass that only scores the gallery)"
+        return cls(torch.zeros(0, dtype=torch.long), torch.zeros(0, 4), eval_query_params(0), 0)
 
 @dataclass
 class ObjectQueries:
@@ -109,7 +115,28 @@ class PassConfig:
     baselines: bool = True   # template matching and gallery histograms
     loss_fn: object = None   # `AntXentLoss` for avg_pos / avg_neg / loss, or None
     progress: bool = False
-    per_query: bool = False  # keep the argmax cells and the object queries' own-scene hits
+    per_query: bool = False  # keep the argmax cells, the object queries' own-scene hits and the model's `ObjectRanking`
+
+@dataclass
+class ObjectRanking:
+    "The gallery ranking of every object query: each image's score, and the level and cell of its best cell"
+    queries: ObjectQueries
+    score: Tensor      # (Q, G) the paper's image score (`grid.image_scores`)
+    level: Tensor      # (Q, G) index into `grids` of each image's best cell
+    cell: Tensor       # (Q, G) that cell's flat index within its level
+    grids: dict        # level -> (H, W) of the model's grids
+    image_size: int    # scene side S
+
+    @classmethod
+    def of(cls, tally:MethodTally, queries:ObjectQueries, grids:dict, image_size:int)->'ObjectRanking':
+        "The ranking a `per_query` pass kept for the model"
+        cat = lambda parts: torch.cat(parts, 1)
+        return cls(queries, cat(tally.scores), cat(tally.score_levels), cat(tally.score_cells), dict(grids), image_size)
+
+    @property
+    def source_rank(self)->Tensor:   # (Q,) 1-based rank of each query's own image (ties count in its favour)
+        own = self.score[torch.arange(len(self.score)), self.queries.index]
+        return (self.score > own[:, None]).sum(1) + 1
 
 @dataclass
 class MethodTally:
@@ -119,6 +146,8 @@ class MethodTally:
     object_hits: list = field(default_factory=list) # [level -> Bool (b,)] of the object queries in their own scene
     object_best: list = field(default_factory=list)
     scores: list = field(default_factory=list)      # [(Q, b) gallery score columns]
+    score_levels: list = field(default_factory=list)  # [int8 (Q, b)] level of each image's best cell (the model, per_query)
+    score_cells: list = field(default_factory=list)   # [int32 (Q, b)] that cell, flat within its level
     reference_scores: list = field(default_factory=list)  # [(R, b)]
     loss_sums: dict = field(default_factory=dict)   # 'loss', 'avg_pos', 'avg_neg' -> sum over queries
 
@@ -169,7 +198,11 @@ def evaluation_pass(methods:dict,                  # name -> model (`embed_queri
         for name, model in methods.items():
             t, grids = tallies[name], model.embed_scenes(scenes)
             if name == 'model': shared.grid_hws = {k: tuple(g.shape[-2:]) for k, g in grids.items()}
-            if obj: t.scores.append(image_scores(query_emb[name], grids).score.cpu())
+            if obj:
+                where = cfg.per_query and name == 'model'                          # where each image's best cell is
+                r = image_scores(query_emb[name], grids, where=where)
+                t.scores.append(r.score.cpu())
+                if where: t.score_levels.append(r.level.to(torch.int8).cpu()); t.score_cells.append(r.cell.int().cpu())
             if reference is not None: t.reference_scores.append(image_scores(ref_emb[name], grids).score.cpu())
             if len(osel):
                 own = {k: g[(obj.index[osel] - start).to(dev)] for k, g in grids.items()}
@@ -190,3 +223,24 @@ def evaluation_pass(methods:dict,                  # name -> model (`embed_queri
                     out = cfg.loss_fn(q, own, boxes.to(dev), cfg.image_size)
                     for k in ('loss', 'avg_pos', 'avg_neg'): t.loss_sums[k] = t.loss_sums.get(k, 0.) + float(getattr(out, k)) * len(sel)
     return tallies, shared
+
+# %% ../nbs/06b_eval_pass.ipynb #8a0d3aea
+@torch.no_grad()
+def object_ranking(model,                     # a `LearnAndSearch`
+                   images,                    # a labelled `Gallery` or image set
+                   n:int|None=None,           # rank the first `n` images (None: all)
+                   image_size:int|None=None,  # scene side S (None: the model's)
+                   device='cpu',
+                   batch_size:int=16,         # scenes per forward pass
+                  )->ObjectRanking:
+    "Every object query of the first `n` images ranked against them, as a `per_query` evaluation keeps it"
+    gallery = images if isinstance(images, Gallery) else Gallery([images])
+    n = len(gallery) if n is None else min(n, len(gallery))
+    S, q = image_size or model.config['image_size'], model.config['query_size']
+    obj = object_crops(gallery, n, S, q, batch_size)
+    if obj is None: raise ValueError(f"no object queries in the first {n} images of {images!r}")
+    cfg = PassConfig([], S, q, batch_size, torch.device(device), baselines=False, per_query=True)
+    was = model.training
+    try: tallies, shared = evaluation_pass({'model': model.eval().to(device)}, gallery, n, LocalizationQueries.none(), obj, None, cfg)
+    finally: model.train(was)
+    return ObjectRanking.of(tallies['model'], obj, shared.grid_hws, S)

@@ -8,20 +8,18 @@ import csv, io
 import pandas as pd
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 from .baselines import histogram_scores, hsv_histogram, template_sizes
 from .gallery import Gallery
 from .hubness import adjust_scores, k_occurrence, reference_stats
 from .metrics import (
-    CATEGORY_K, category_retrieval, chance_per_query, chance_sga, gap_ratio, per_category, query_retrieval, retrieval_chance,
-    retrieval_metrics, sga_intervals, sga_rates)
+    CATEGORY_K, category_retrieval, chance_per_query, chance_sga, gap_ratio, per_category, query_retrieval, rank_gallery,
+    retrieval_chance, sga_intervals, sga_rates)
 from .metric_tables import (
     METHODS, HUBNESS_COLUMNS, PROTOCOLS, levels, loss_frame, metric, per_category_frame, retrieval_frame, sga_frame)
 from .utils import frame_markdown
-if TYPE_CHECKING:   # the pass's types, for the annotations only (`evaluate` imports this module)
-    from learn_and_search.evaluate import BaselineTally, LocalizationQueries, MethodTally, ObjectQueries, RunQueries
+from .eval_pass import BaselineTally, LocalizationQueries, MethodTally, ObjectQueries, RunQueries
 
 # %% auto #0
 __all__ = ['HUBNESS_K', 'REDUCED_MODES', 'PER_QUERY_METHODS', 'retrieval_figures', 'chance_figures', 'sga_figures', 'RunInfo',
@@ -40,8 +38,8 @@ def _skew(scores:Tensor)->dict:   # (Q, G) -> k-occurrence skew of the top-10 li
     return dict(max_count=ko['max_count'], top1pct_share=ko['top1pct_share'], n_top=ko['n_top'])
 
 def _ranking_figures(scores:Tensor, obj:ObjectQueries, ks:tuple, person:int|None)->tuple:   # -> (figures, per-query P@10)
-    m = retrieval_metrics(scores, obj.index, obj.relevant, ks)
-    pq = query_retrieval(scores, obj.index, obj.relevant, CATEGORY_K)
+    ranking = rank_gallery(scores, obj.index, obj.relevant)                  # sorted once for every k and both readings
+    m, pq = ranking.metrics(ks), ranking.per_query(CATEGORY_K)
     out = {k: m[k] for k in ('top_k_instance', 'top_k_category', 'precision_at_k', 'map')}
     out['category_retrieval'] = category_retrieval(pq['p_at_k'], pq['ap'], obj.category, person)
     return out, pq['p_at_k']

@@ -12,9 +12,8 @@ from torch import Tensor
 from .baselines import imagenet_features
 from .data import MAX_IMAGE_SIZE, CocoImages, check_image_size, open_images
 from .eval_cache import read_tally, tally_key, write_tally
-from learn_and_search.eval_pass import (
-    QUERY_PROTOCOLS, LocalizationQueries, MethodTally, PassConfig, RunQueries, eval_query_params, evaluation_pass,
-    object_crops)
+from .eval_pass import (
+    QUERY_PROTOCOLS, LocalizationQueries, MethodTally, ObjectRanking, PassConfig, RunQueries, evaluation_pass, object_crops)
 from .eval_report import (
     RunInfo, assemble_metrics, metrics_markdown, per_category_csv, per_query_csv, per_query_rows)
 from .gallery import Gallery, excluded_ids, open_gallery, reference_crops
@@ -108,7 +107,7 @@ def evaluate(model,                    # a `LearnAndSearch` (or anything with `e
              validation=None,          # labelled `Gallery` (not this one) on which to choose the image score, or None
              shared_cache=None,        # folder where the random-init twin's tally is kept and read back (`eval_cache`)
              **overrides,              # fields of `EvalSettings` replacing those of `settings`
-            )->dict:                   # JSON-able metrics, see the definitions above
+            )->dict:                   # JSON-able metrics (with `per_query`: also the rows and the `ranking`)
     "Zero-shot SGA, retrieval, hubness and baselines of `model` on the gallery `images`"
     s = (replace(settings, **overrides) if settings else EvalSettings(**overrides)).for_model(model)
     gallery = images if isinstance(images, Gallery) else Gallery([images])
@@ -152,7 +151,9 @@ def evaluate(model,                    # a `LearnAndSearch` (or anything with `e
         out['score_mode'] = select_image_score(model, validation, run_queries.reference, cfg)
     elif validation is not None: notes['score_mode'] = 'not chosen: no reference queries'
     out['settings']['seconds'] = round(time.time() - t0, 2)
-    if s.per_query: out['per_query'] = per_query_rows(tallies, run_queries, gallery, protocols, names, s.image_size)
+    if s.per_query:
+        out['per_query'] = per_query_rows(tallies, run_queries, gallery, protocols, names, s.image_size)
+        out['ranking'] = obj and ObjectRanking.of(tallies['model'], obj, shared.grid_hws, s.image_size)
     return out
 
 # %% ../nbs/06b_evaluate.ipynb #a01449e3
@@ -164,10 +165,10 @@ def select_image_score(model,                 # the evaluated model
     "The image score (max / zscore / csls) with the best mAP on `validation`"
     obj = object_crops(validation, len(validation), cfg.image_size, cfg.query_size, cfg.batch_size)
     if obj is None: raise ValueError("the validation gallery has no labelled objects to choose the image score with")
-    no_sga = LocalizationQueries(torch.zeros(0, dtype=torch.long), torch.zeros(0, 4), eval_query_params(0), 0)
     pass_cfg = PassConfig([], cfg.image_size, cfg.query_size, cfg.batch_size, cfg.device, baselines=False, progress=cfg.progress)
     was = model.training
-    try: tallies, shared = evaluation_pass({'model': model.eval()}, validation, len(validation), no_sga, obj, reference, pass_cfg)
+    try: tallies, shared = evaluation_pass({'model': model.eval()}, validation, len(validation), LocalizationQueries.none(), obj,
+                                                   reference, pass_cfg)
     finally: model.train(was)
     t = tallies['model']
     relevant = relevance(obj.category, shared.gallery_categories)
@@ -228,11 +229,12 @@ def record_evaluation_data(metrics:dict, data:EvalData)->dict:
 # %% ../nbs/06b_evaluate.ipynb #95a352ec
 @dataclass
 class EvalRun:
-    "What `run_evaluation` gives back: the metrics as metrics.json holds them, the per-query rows, the model and its data"
+    "What `run_evaluation` gives back: the metrics as metrics.json holds them, the model, its data and the per-query results"
     metrics: dict
-    per_query: list|None
     model: object
     data: EvalData
+    per_query: list|None = None          # the rows of per_query.csv (`EvalSettings.per_query`)
+    ranking: ObjectRanking|None = None   # the model's ranking of every object query (`EvalSettings.per_query`)
 
 def _models(spec:EvalSpec)->tuple:   # -> (model, random-init twin)
     seed = spec.settings.seed
@@ -264,7 +266,7 @@ def run_evaluation(spec:EvalSpec,
     device = resolve_device(spec.settings.device)
     metrics = evaluate(model, data.gallery, replace(spec.settings, device=device), random_init=twin, reference=data.reference,
                        validation=validation, shared_cache=spec.shared_cache)
-    rows = metrics.pop('per_query', None)   # per_query.csv, not metrics.json
+    rows, ranking = metrics.pop('per_query', None), metrics.pop('ranking', None)   # per_query.csv and figures, not metrics.json
     record_evaluation_data(metrics, data)
     metrics['source'] = dict(checkpoint=spec.checkpoint and str(spec.checkpoint), random_init=spec.checkpoint is None,
                              config=model.config if spec.checkpoint else spec.model_config, data=str(spec.data),
@@ -276,7 +278,7 @@ def run_evaluation(spec:EvalSpec,
         if metrics.get('per_category'): files['per_category.csv'] = per_category_csv(metrics)
         if rows is not None: files['per_query.csv'] = per_query_csv(rows, model.levels)
         write_outputs(out, files)
-    return EvalRun(metrics, rows, model, data)
+    return EvalRun(metrics, model, data, rows, ranking)
 
 # %% ../nbs/06b_evaluate.ipynb #5b26c7d3
 def _root_split(text:str)->tuple:   # 'ROOT:SPLIT' -> (ROOT, SPLIT)

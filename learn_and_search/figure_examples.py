@@ -7,7 +7,8 @@ from __future__ import annotations
 import io, json
 from pathlib import Path
 import numpy as np, torch
-from .grid import cell_boxes
+from .eval_pass import ObjectRanking, object_ranking
+from .grid import CellLayout
 from .utils import atomic_write
 
 # %% auto #0
@@ -64,73 +65,30 @@ def quantile_picks(ranks:list, n:int)->list:
     order = sorted(range(len(ranks)), key=lambda i: (ranks[i], i))
     return [order[int(j)] for j in np.linspace(0, len(order) - 1, min(n, len(order))).round()]
 
-@torch.no_grad()
-def _gallery_grids(model, images, G:int, image_size:int, device, batch_size:int)->dict:
-    "level -> (G, D, H, W) L2-normalized cell embeddings of the first `G` images, on `device`"
-    from learn_and_search.data import resize_square
-    parts = []
-    for s in range(0, G, batch_size):
-        x = torch.stack([resize_square(images[i]['image'], image_size) for i in range(s, min(G, s + batch_size))])
-        parts.append(model.embed_scenes(x.to(device).float() / 255))
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-@torch.no_grad()
-def topk_examples(model,               # a `LearnAndSearch`
-                  images,              # the gallery: a `CocoImages` or a `gallery.Gallery` (needs annotations)
-                  n:int=4,             # number of queries shown (picked by `quantile_picks` of the source rank)
-                  k:int=10,            # results per query
-                  image_size:int=256,  # scene side S
-                  max_images:int|None=None,  # gallery = the first `max_images` images
-                  device='cpu',
-                  batch_size:int=16,   # scenes per forward pass
-                 )->list:              # n dicts: crop, category, image_id, index, box, source_rank, n_queries, results
-    "Score every object query against the gallery; the top-k (image, best-cell box, score, correct) of `n` picked queries"
-    from learn_and_search.data import object_queries, resize_square
-    from learn_and_search.augment import crop_queries
-    G = len(images) if max_images is None else min(max_images, len(images))
-    model = model.eval().to(device)
-    qs = images.object_queries(image_size, G) if hasattr(images, 'object_queries') else object_queries(images, image_size)
-    qs = [q for q in qs if q['index'] < G]
-    if not qs: raise ValueError(f"no object queries in the first {G} images of {images!r}")
-    grids = _gallery_grids(model, images, G, image_size, device, batch_size)          # level -> (G, D, H, W)
-    crops, emb = [], []
-    for s in range(0, len(qs), batch_size):
-        part = qs[s:s + batch_size]
-        scenes = torch.stack([resize_square(images[q['index']]['image'], image_size) for q in part]).float() / 255
-        c = crop_queries(scenes, torch.stack([torch.as_tensor(q['box']).float() for q in part]), model.config['query_size'])
-        crops.append((c * 255).round().byte()); emb.append(model.embed_queries(c.to(device)).cpu())
-    crops, emb = torch.cat(crops), torch.cat(emb)                                   # (Q, 3, q, q), (Q, D)
-    Q, chunk = len(qs), 64
-    best, level, cell = torch.empty(Q, G), torch.empty(Q, G, dtype=torch.long), torch.empty(Q, G, dtype=torch.long)
-    for s in range(0, Q, chunk):                                                    # bounds memory at chunk * G * H * W
-        e, b = emb[s:s + chunk].to(device), None
-        for j, g in enumerate(grids.values()):
-            v, ci = torch.einsum('qd,gdn->qgn', e, g.flatten(2)).max(-1)            # (q, G, H*W) -> best cell (q, G)
-            if b is None: b, l, c = v, torch.zeros_like(ci), ci
-            else:
-                better = v > b
-                b, l, c = torch.where(better, v, b), torch.where(better, j, l), torch.where(better, ci, c)
-        best[s:s + chunk], level[s:s + chunk], cell[s:s + chunk] = b.cpu(), l.cpu(), c.cpu()
-    src = torch.tensor([q['index'] for q in qs])
-    ranks = (best > best[torch.arange(len(qs)), src][:, None]).sum(1) + 1           # (Q,) 1-based source rank
-    levels = list(grids)
+def topk_examples(ranking:ObjectRanking,   # `eval_pass.object_ranking`, or the one a `per_query` evaluation kept
+                  images,                  # the gallery it ranks (a `CocoImages` or a `gallery.Gallery`)
+                  n:int=4,                 # number of queries shown (picked by `quantile_picks` of the source rank)
+                  k:int=10,                # results per query
+                 )->list:                  # n dicts: crop, category, image_id, index, box, source_rank, n_queries, results
+    "The top-k (image, best-cell box in the image's pixels, score, correct) of `n` object queries picked across the source ranks"
+    obj, G = ranking.queries, ranking.score.shape[1]
+    layout, ranks = CellLayout(ranking.grids, ranking.image_size), ranking.source_rank
     out = []
     for i in quantile_picks(ranks.tolist(), n):
-        q, res = qs[i], []
-        for g in best[i].topk(min(k, G)).indices.tolist():
-            lv = levels[int(level[i, g])]
-            H, W = grids[lv].shape[-2:]
-            x0, y0, x1, y1 = cell_boxes((H, W), image_size)[int(cell[i, g])].tolist()
-            item = images[g]
-            h0, w0 = item['image'].shape[-2:]
-            sx, sy = w0 / image_size, h0 / image_size                              # scene px -> image px
-            res.append(dict(index=g, image_id=item['image_id'], score=float(best[i, g]), level=lv,
-                            box=[x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy],
-                            correct=int(q['category_id']) in set(item['category_ids'].tolist()), source=g == q['index']))
-        out.append(dict(crop=crops[i], category=images.categories[int(q['category_id'])], category_id=int(q['category_id']),
-                        image_id=q.get('image_id'), index=int(q['index']), box=torch.as_tensor(q['box']).tolist(),
-                        source_rank=int(ranks[i]), n_queries=Q, results=res))
+        top = ranking.score[i].topk(min(k, G)).indices                               # (k,) gallery rows
+        items = [images[int(g)] for g in top]
+        hw = np.array([tuple(it['image'].shape[-2:]) for it in items])               # (k, 2) original H, W
+        cells = layout.offsets[ranking.level[i, top].long()] + ranking.cell[i, top].long()   # (k,) position among all cells
+        boxes = layout.boxes(cells.numpy(), hw[:, 1], hw[:, 0])                      # (k, 4) xywh in each image's pixels
+        cid, src = int(obj.category[i]), int(obj.index[i])
+        res = [dict(index=int(g), image_id=it['image_id'], score=float(ranking.score[i, g]),
+                    level=layout.levels[int(ranking.level[i, g])], box=b.tolist(),
+                    correct=cid in set(it['category_ids'].tolist()), source=int(g) == src)
+               for g, it, b in zip(top.tolist(), items, boxes)]
+        out.append(dict(crop=obj.crops[i], category=images.categories[cid], category_id=cid, image_id=images.ids[src],
+                        index=src, box=obj.boxes[i].tolist(), source_rank=int(ranks[i]), n_queries=len(obj.index), results=res))
     return out
+
 
 # %% ../nbs/08b_figure_examples.ipynb #1d524149
 def _relative_file(images, i:int)->str:

@@ -11,12 +11,11 @@ import matplotlib
 matplotlib.use('Agg')   # files only: works headless and inside papermill kernels
 import matplotlib.pyplot as plt
 import seaborn as sns
-from matplotlib.patches import Rectangle
 from PIL import Image
 from .grid import cell_centers
 from .metric_tables import metric
 from .paper_tables import COLUMNS, sga_table
-from .utils import atomic_write
+from .utils import atomic_write, draw_box
 
 # %% auto #0
 __all__ = ['plot_loss_dynamics', 'plot_sga', 'plot_heatmaps', 'plot_topk', 'save_figure']
@@ -100,8 +99,7 @@ def plot_heatmaps(examples:list, title:str='Similarity heatmaps')->plt.Figure:  
             ax.imshow(scene); ax.imshow(m, extent=(0, S, S, 0), cmap='magma', alpha=0.65, interpolation='nearest')
             ax.set_title(f'{lv} {m.shape[0]}x{m.shape[1]}: cos {m.min():.2f}..{m.max():.2f}', fontsize=9)
         for ax in axs[r, 1:]:
-            x, y, w, h = ex['box'].tolist()
-            ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor='lime', lw=1.5))
+            draw_box(ax, ex['box'])
         axs[r, 1].plot([cx], [cy], 'x', color='red', ms=10, mew=2)
         for ax in axs[r]: ax.set_xticks([]); ax.set_yticks([])
     fig.suptitle(f'{title} (bright = similar; each map on its own colour range)')
@@ -133,8 +131,7 @@ def plot_topk(examples:list,            # from `topk_examples` (with images) or 
             img = res['image'] if 'image' in res else images[res['index']]['image']   # (3, H, W)
             H, W = img.shape[-2:]
             ax.imshow(_thumbnail(img).permute(1, 2, 0).numpy(), extent=(0, W, H, 0))   # box stays in image pixels
-            x, y, w, h = res['box']
-            ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor='yellow', lw=1.5))
+            draw_box(ax, res['box'], 'yellow')
             colour = 'tab:green' if res['correct'] else 'tab:red'
             for s in ax.spines.values(): s.set_edgecolor(colour); s.set_linewidth(4)
             mark = ('✓' if res['correct'] else '✗') + (' source' if res['source'] else '')

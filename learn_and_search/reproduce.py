@@ -252,9 +252,8 @@ def evaluate_step(checkpoint=None, data='synthetic', split='val2017', image_size
         pts = evaluate_snapshots(Path(checkpoint).parent.parent, gallery, metrics, load_checkpoint(checkpoint)['step'], device=dev, image_size=S,
                                  query_size=q, queries=queries, seed=seed, max_images=max_images)
         write_curve(pts, out/'curve.json')
-    if metrics.get('top_k_instance') is not None:
-        tk = E.topk_examples(model, gallery, n_queries, k, S, max_images=metrics['gallery_size'], device=dev)
-        atomic_write_json(out/'topk.json', E.topk_record(tk, gallery, S))
+    if run.ranking is not None:   # the top-k grids from the ranking the metrics were computed on
+        atomic_write_json(out/'topk.json', E.topk_record(E.topk_examples(run.ranking, gallery, n_queries, k), gallery, S))
     return metrics
 
 # %% ../nbs/08_reproduce.ipynb #6dd1bfed

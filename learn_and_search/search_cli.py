@@ -19,7 +19,7 @@ from .index import DEFAULT_LEVELS, KINDS
 from .index_store import check_index_target, index_lock
 from .models import load_model, model_fingerprint, random_init_model
 from .search import IndexSpec, SearchIndex
-from .utils import atomic_path, resolve_device, run_cli, script_entry
+from .utils import atomic_path, draw_box, resolve_device, run_cli, script_entry
 
 # %% auto #0
 __all__ = ['NUMERIC_FLAGS', 'plot_results', 'printable', 'save_figure', 'model_from_source', 'parse_args', 'parse_box',
@@ -34,7 +34,6 @@ def plot_results(crop:Tensor,        # uint8 (3, q, q) query crop
                 ):
     "A matplotlib figure of the query crop followed by each result with its box and score (a grey panel if unreadable)"
     from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
     n, images = len(results) + 1, images or {}
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(2.2 * min(n, cols), 2.5 * rows), layout='constrained')
@@ -49,8 +48,7 @@ def plot_results(crop:Tensor,        # uint8 (3, q, q) query crop
             ax.imshow(np.full((8, 8, 3), 200, np.uint8)); ax.text(4, 4, 'unreadable', ha='center', va='center', fontsize=8)
             ax.set_title(f"{name}\n{r['score']:.3f} {r['level']}", fontsize=8); continue
         ax.imshow(img.permute(1, 2, 0).numpy())
-        x, y, w, h = r['box']
-        ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor='lime', linewidth=2))
+        draw_box(ax, r['box'], width=2)
         ax.set_title(f"{name}\n{r['score']:.3f} {r['level']}", fontsize=8)
     return fig
 

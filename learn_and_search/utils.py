@@ -12,7 +12,8 @@ import torch
 __all__ = ['PRECISIONS', 'EXPECTED_ERRORS', 'current_umask', 'file_mode', 'dir_mode', 'fsync_dir', 'atomic_path', 'atomic_write',
            'atomic_write_json', 'atomic_folder', 'remove_folder_leftovers', 'sha256_file', 'is_int', 'format_cell',
            'markdown_table', 'frame_markdown', 'describe_machine', 'resolve_device', 'native_bf16_cpu',
-           'resolve_precision', 'RunLockedError', 'RunLock', 'error_line', 'Terminated', 'run_cli', 'script_entry']
+           'resolve_precision', 'draw_box', 'RunLockedError', 'RunLock', 'error_line', 'Terminated', 'run_cli',
+           'script_entry']
 
 # %% ../nbs/00_utils.ipynb #241817c7
 def current_umask()->int:
@@ -171,6 +172,15 @@ def resolve_precision(precision:str='auto',  # 'auto', 'bf16' or 'fp32'
     if precision != 'auto': return precision
     dev = torch.device(device)
     return 'bf16' if dev.type == 'cuda' or (dev.type == 'cpu' and native_bf16_cpu()) else 'fp32'
+
+# %% ../nbs/00_utils.ipynb #9c1743df
+def draw_box(ax,               # matplotlib axes showing the image
+             box,              # x, y, w, h in the pixels the image is shown in
+             colour='lime', width:float=1.5):
+    "Outline `box` on `ax`"
+    from matplotlib.patches import Rectangle
+    x, y, w, h = (float(v) for v in box)
+    return ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colour, lw=width))
 
 # %% ../nbs/00_utils.ipynb #7267c536
 class RunLockedError(RuntimeError):
