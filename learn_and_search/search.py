@@ -347,7 +347,9 @@ def _build(cls,
     def batches(ds, desc):                      # (batch, cells) of the readable images of `ds`
         dl = DataLoader(ReadOrReport(ds), batch_size=s.batch_size, num_workers=s.workers, collate_fn=SceneCollate(image_size))
         for b in tqdm(dl, desc=desc, unit='batch', disable=not s.progress, file=sys.stderr):
-            if b['errors'] and not s.skip_unreadable: raise ImageReadError(f"{b['errors'][0]} ({_SKIP_HINT})")
+            if b['errors'] and not s.skip_unreadable:   # the reader's own message may carry the hint already: say it once
+                err = b['errors'][0]
+                raise ImageReadError(err if 'skip-unreadable' in err else f"{err} ({_SKIP_HINT})")
             if desc == 'index': self.skipped += b['errors']
             if len(b['scenes']): yield b, embed_cells(model, b['scenes'].to(device), s.levels)[0]
     if not self.is_trained:
