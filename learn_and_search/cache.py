@@ -26,7 +26,11 @@ def source_key(images,          # `CocoImages` or `FolderImages`
                image_size:int,  # S, px
               )->dict:
     "What a cache of `images` at `image_size` must match to be reused: format version, S, `min_side` and each source's name, size, mtime"
-    def stamp(p): st = Path(p).stat(); return [Path(p).relative_to(images.root).as_posix(), st.st_size, st.st_mtime_ns]
+    def stamp(p):
+        name = Path(p).relative_to(images.root).as_posix()
+        try: st = Path(p).stat()
+        except OSError: return [name, None, None]   # a looping or dangling link: reading it reports it (or skips it, counted)
+        return [name, st.st_size, st.st_mtime_ns]
     ann = getattr(images, 'ann_file', None)
     return dict(format_version=CACHE_VERSION, image_size=image_size, min_side=images.min_side,
                 annotations=stamp(ann) if ann else None, sources=[stamp(p) for p in images.paths])

@@ -42,7 +42,9 @@ def open_image(path, decode:bool=True)->Image.Image:
         with warnings.catch_warnings():   # PIL warns from 89 M pixels; our own, lower limit below says more
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)
             im = Image.open(path)
-    except Image.DecompressionBombError as e: raise ImageReadError(f'{path}: refused before decoding: {e}') from None
+    except Image.DecompressionBombError as e:   # PIL's own guard, past twice its warning size: say which limit is ours
+        raise ImageReadError(f'{path}: refused before decoding: {e} (learn_and_search.data.MAX_IMAGE_PIXELS, '
+                             f'{MAX_IMAGE_PIXELS:,} pixels, is the limit of this package)') from None
     except Exception as e: raise ImageReadError(f'{path}: cannot decode image ({type(e).__name__}: {e})') from e
     if im.width * im.height > MAX_IMAGE_PIXELS:
         im.close()

@@ -94,7 +94,7 @@ class TrainConfig:
         _chapter_check('preset', self.preset, get_preset)
         _check(isinstance(self.data, str) and (self.data == 'synthetic' or Path(self.data).expanduser().exists()), 'data', self.data,
                "no such folder (give a folder of images, a COCO root, or 'synthetic')")
-        _chapter_check('image_size', self.image_size, check_image_size)
+        check_image_size(self.image_size, 'TrainConfig.image_size')   # names the field itself
         _check(is_int(self.query_size, 8) and self.query_size <= self.image_size, 'query_size', self.query_size, 'must be in [8, image_size]')
         for name in ('dim', 'epochs', 'batch_size', 'queries_per_scene', 'checkpoint_every', 'log_every'):
             _check(is_int(getattr(self, name), 1), name, getattr(self, name), 'must be an integer >= 1')
