@@ -18,7 +18,7 @@ from .models import similarity_maps
 
 # %% auto #0
 __all__ = ['QUERY_PROTOCOLS', 'eval_query_params', 'eval_queries', 'LocalizationQueries', 'ObjectQueries', 'object_crops',
-           'RunQueries', 'PassConfig', 'ObjectRanking', 'MethodTally', 'BaselineTally', 'evaluation_pass',
+           'RunQueries', 'PassConfig', 'MethodTally', 'BaselineTally', 'ObjectRanking', 'evaluation_pass',
            'object_ranking']
 
 # %% ../nbs/06b_eval_pass.ipynb #46dfdeb9
@@ -118,27 +118,6 @@ class PassConfig:
     per_query: bool = False  # keep the argmax cells, the object queries' own-scene hits and the model's `ObjectRanking`
 
 @dataclass
-class ObjectRanking:
-    "The gallery ranking of every object query: each image's score, and the level and cell of its best cell"
-    queries: ObjectQueries
-    score: Tensor      # (Q, G) the paper's image score (`grid.image_scores`)
-    level: Tensor      # (Q, G) index into `grids` of each image's best cell
-    cell: Tensor       # (Q, G) that cell's flat index within its level
-    grids: dict        # level -> (H, W) of the model's grids
-    image_size: int    # scene side S
-
-    @classmethod
-    def of(cls, tally:MethodTally, queries:ObjectQueries, grids:dict, image_size:int)->'ObjectRanking':
-        "The ranking a `per_query` pass kept for the model"
-        cat = lambda parts: torch.cat(parts, 1)
-        return cls(queries, cat(tally.scores), cat(tally.score_levels), cat(tally.score_cells), dict(grids), image_size)
-
-    @property
-    def source_rank(self)->Tensor:   # (Q,) 1-based rank of each query's own image (ties count in its favour)
-        own = self.score[torch.arange(len(self.score)), self.queries.index]
-        return (self.score > own[:, None]).sum(1) + 1
-
-@dataclass
 class MethodTally:
     "What one pass collects for one method"
     hits: dict = field(default_factory=dict)        # protocol (+ '_strict') -> [level -> Bool (b,)], one per batch
@@ -159,6 +138,29 @@ class BaselineTally:
     gallery_categories: list = field(default_factory=list) # [set of category ids] of each gallery image
     grid_hws: dict = field(default_factory=dict)          # level -> (H, W) of the model's grids
 
+# %% ../nbs/06b_eval_pass.ipynb #373e757b
+@dataclass
+class ObjectRanking:
+    "The gallery ranking of every object query: each image's score, and the level and cell of its best cell"
+    queries: ObjectQueries
+    score: Tensor      # (Q, G) the paper's image score (`grid.image_scores`)
+    level: Tensor      # (Q, G) index into `grids` of each image's best cell
+    cell: Tensor       # (Q, G) that cell's flat index within its level
+    grids: dict        # level -> (H, W) of the model's grids
+    image_size: int    # scene side S
+
+    @classmethod
+    def of(cls, tally:MethodTally, queries:ObjectQueries, grids:dict, image_size:int)->'ObjectRanking':
+        "The ranking a `per_query` pass kept for the model"
+        cat = lambda parts: torch.cat(parts, 1)
+        return cls(queries, cat(tally.scores), cat(tally.score_levels), cat(tally.score_cells), dict(grids), image_size)
+
+    @property
+    def source_rank(self)->Tensor:   # (Q,) 1-based rank of each query's own image (ties count in its favour)
+        own = self.score[torch.arange(len(self.score)), self.queries.index]
+        return (self.score > own[:, None]).sum(1) + 1
+
+# %% ../nbs/06b_eval_pass.ipynb #e56cf47d
 def _embed_crops(model, crops:Tensor, device, batch_size:int)->Tensor:   # uint8 (N, 3, q, q) -> (N, D) on device
     return torch.cat([model.embed_queries(c.to(device).float() / 255) for c in crops.split(batch_size)])
 
