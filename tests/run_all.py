@@ -1,6 +1,8 @@
 """Run every test: the notebooks as `nbdev_test` runs them (its own `test_nb`, one result per notebook), then pytest on
-tests/ (counts read from its JUnit XML report); end with one `N passed, N failed` line. About 22 minutes on 2 idle AMD EPYC cores."""
-import os, subprocess, sys, tempfile, time
+tests/ (counts read from its JUnit XML report); end with one `N passed, N failed` line. About 22 minutes on 2 idle AMD EPYC cores.
+Everything the tests write to the temp folder goes to one scratch folder of this run (the checkpoints of the training tests
+are hundreds of MB each): its size is reported, and it is removed when every test passed (kept for inspection otherwise)."""
+import os, shutil, subprocess, sys, tempfile, time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -34,8 +36,14 @@ def pytest_counts(args=('tests',))->dict:
     failed = n['failures'] + n['errors'] + (1 if code not in (0, 5) and not (n['failures'] + n['errors']) else 0)
     return dict(passed=n['tests'] - n['failures'] - n['errors'] - n['skipped'], failed=failed, skipped=n['skipped'])
 
+def folder_bytes(folder:Path)->int:
+    "Bytes of the regular files under `folder` (links not followed)"
+    return sum(f.lstat().st_size for f in folder.rglob('*') if f.is_file() and not f.is_symlink())
+
 if __name__ == '__main__':
     t0 = time.time()
+    scratch = Path(tempfile.mkdtemp(prefix='las-tests-'))   # TMPDIR of every test: notebooks, pytest and their children
+    os.environ['TMPDIR'] = tempfile.tempdir = str(scratch)
     print('$ nbdev_test (nbdev.test.test_nb on every notebook, 2 workers)', flush=True)
     nbs = notebook_results()
     for nb, ok, t in sorted(nbs, key=lambda r: -r[2]): print(f"  {'ok  ' if ok else 'FAIL'} {t:6.0f} s  {nb}")
@@ -44,5 +52,8 @@ if __name__ == '__main__':
     passed, failed = len(nbs) - len(failed_nbs) + py['passed'], len(failed_nbs) + py['failed']
     print(f"notebooks: {len(nbs) - len(failed_nbs)} passed, {len(failed_nbs)} failed" + (f" ({', '.join(failed_nbs)})" if failed_nbs else ''))
     print(f"pytest: {py['passed']} passed, {py['failed']} failed, {py['skipped']} skipped")
+    left = folder_bytes(scratch)
+    if not failed: shutil.rmtree(scratch, ignore_errors=True)
+    print(f"temp: the tests left {left / 2**20:,.0f} MiB in {scratch} ({'removed' if not failed else 'kept for inspection'})")
     print(f"total: {passed} passed, {failed} failed ({(time.time() - t0) / 60:.1f} min)")
     sys.exit(1 if failed else 0)
