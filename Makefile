@@ -27,7 +27,7 @@ browser:  ## Debian's headless Chromium and its driver, for the browser test of 
 reproduce: install  ## SCALE=smoke|mini|gpu|paper
 	$(VENV)/bin/las-reproduce --scale $(SCALE) $(if $(DATA),--data $(DATA),)
 
-test: install  ## every notebook and tests/: about 22 minutes on 2 idle CPU cores (AMD EPYC)
+test: install  ## every notebook and tests/: about 17 minutes on 2 idle CPU cores (AMD EPYC)
 	$(PY) tests/run_all.py
 
 export: install

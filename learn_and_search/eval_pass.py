@@ -13,7 +13,7 @@ from .baselines import template_matching_hits, template_sizes, tile_histograms, 
 from .data import random_crop_queries, resize_square
 from .gallery import Gallery
 from .grid import image_scores
-from .metrics import best_cells, sga_hits
+from .metrics import best_cells, rank_of_source, sga_hits
 from .models import similarity_maps
 
 # %% auto #0
@@ -156,9 +156,8 @@ class ObjectRanking:
         return cls(queries, cat(tally.scores), cat(tally.score_levels), cat(tally.score_cells), dict(grids), image_size)
 
     @property
-    def source_rank(self)->Tensor:   # (Q,) 1-based rank of each query's own image (ties count in its favour)
-        own = self.score[torch.arange(len(self.score)), self.queries.index]
-        return (self.score > own[:, None]).sum(1) + 1
+    def source_rank(self)->Tensor:   # (Q,) 1-based rank of each query's own image (`metrics.rank_of_source`'s tie rule)
+        return rank_of_source(self.score, self.queries.index) + 1
 
 # %% ../nbs/06b_eval_pass.ipynb #e56cf47d
 def _embed_crops(model, crops:Tensor, device, batch_size:int)->Tensor:   # uint8 (N, 3, q, q) -> (N, D) on device

@@ -21,7 +21,7 @@ from .hubness import reference_stats, select_score_mode
 from .loss import AntXentLoss
 from .metrics import MAX_BOOTSTRAP, relevance
 from .models import load_model, model_fingerprint, random_init_model
-from .utils import atomic_write, atomic_write_json, describe_machine, resolve_device, run_cli, script_entry
+from .utils import atomic_write, describe_machine, resolve_device, run_cli, script_entry
 
 # %% auto #0
 __all__ = ['EvalSettings', 'evaluate', 'select_image_score', 'EvalSpec', 'EvalData', 'evaluation_data', 'record_evaluation_data',

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io, json
 from pathlib import Path
 import numpy as np, torch
-from .eval_pass import ObjectRanking, object_ranking
+from .eval_pass import ObjectRanking
 from .grid import CellLayout
 from .utils import atomic_write
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .grid import CellLayout, image_scores, nominal_grids
+from .grid import image_scores, nominal_grids
 from .hubness import adjust_scores, reference_stats
 
 # %% ../nbs/07_index.ipynb #63607510

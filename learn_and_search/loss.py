@@ -4,7 +4,6 @@
 
 # %% ../nbs/03_loss.ipynb #5e46090a
 from __future__ import annotations
-import math
 from typing import NamedTuple
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist

@@ -13,9 +13,9 @@ from .grid import box_hits, cells_in_boxes
 
 # %% auto #0
 __all__ = ['MAX_BOOTSTRAP', 'CATEGORY_K', 'best_cells', 'sga_hits', 'chance_sga', 'sga_rates', 'gap_ratio', 'wilson_interval',
-           'bootstrap_interval', 'sga_intervals', 'relevance', 'GalleryRanking', 'rank_gallery', 'query_retrieval',
-           'retrieval_metrics', 'chance_per_query', 'retrieval_chance', 'category_summary', 'category_retrieval',
-           'per_category']
+           'bootstrap_interval', 'sga_intervals', 'relevance', 'rank_of_source', 'GalleryRanking', 'rank_gallery',
+           'query_retrieval', 'retrieval_metrics', 'chance_per_query', 'retrieval_chance', 'category_summary',
+           'category_retrieval', 'per_category']
 
 # %% ../nbs/06_metrics.ipynb #27f52d9d
 def best_cells(sim_maps:dict,      # level -> (B, H, W) similarity of each query to every cell of its own scene
@@ -125,7 +125,7 @@ def relevance(query_categories:Tensor,   # (Q,) category id of each query
     return present[:, [col[c] for c in query_categories.tolist()]].T.contiguous()     # (G, Q) -> (Q, G)
 
 # %% ../nbs/06_metrics.ipynb #d328bab4
-def _source_rank(scores:Tensor,   # (Q, G) gallery scores
+def rank_of_source(scores:Tensor,   # (Q, G) gallery scores
                  source:Tensor,   # (Q,) gallery index of each query's source image
                 )->Tensor:        # (Q,) 0-based rank of the source in the stable descending order
     "How many images rank ahead of each query's source: a higher score (NaN is highest), or an equal one at a lower index"
@@ -180,7 +180,7 @@ def rank_gallery(scores:Tensor,    # (Q, G) score of each gallery image for each
     R = rel_sorted.sum(1)
     ap = (hits / torch.arange(1, G)).mul(rel_sorted).sum(1) / R.clamp(min=1)
     first = torch.where(R > 0, rel_sorted.float().argmax(1) + 1, torch.full_like(R, G))
-    return GalleryRanking(_source_rank(scores, source), hits, torch.where(R > 0, ap, torch.full_like(ap, math.nan)), first, R)
+    return GalleryRanking(rank_of_source(scores, source), hits, torch.where(R > 0, ap, torch.full_like(ap, math.nan)), first, R)
 
 def query_retrieval(scores:Tensor,    # (Q, G) score of each gallery image for each query, higher is better
                     source:Tensor,    # (Q,) gallery index of each query's source image

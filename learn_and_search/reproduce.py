@@ -241,15 +241,15 @@ def evaluate_step(checkpoint=None, data='synthetic', split='val2017', image_size
     run = run_evaluation(EvalSpec(str(checkpoint), data=data, split=split, settings=settings, shared_cache=shared_cache), out)
     metrics, model, gallery = run.metrics, run.model, run.data.gallery
     dev, S, q = next(model.parameters()).device, metrics['settings']['image_size'], metrics['settings']['query_size']
-    name = model.config['preset']
-    log_path = Path(checkpoint).parent.parent/'metrics.jsonl'
+    name, run_dir = model.config['preset'], Path(checkpoint).parent.parent
+    log_path = run_dir/'metrics.jsonl'
     logs = {name: T.read_log(log_path)} if log_path.is_file() else {}
     T.write_tables(R.run_tables({name: metrics}, logs), out)
     E.save_examples(E.similarity_examples(model, gallery, n_examples, S, q, seed=seed, device=dev), out/'heatmaps.npz')
     if curve:   # SGA against training pairs: the run's snapshots on the same queries
         from learn_and_search.curves import evaluate_snapshots, write_curve
         from learn_and_search.checkpoint import load_checkpoint
-        pts = evaluate_snapshots(Path(checkpoint).parent.parent, gallery, metrics, load_checkpoint(checkpoint)['step'], device=dev, image_size=S,
+        pts = evaluate_snapshots(run_dir, gallery, metrics, load_checkpoint(checkpoint)['step'], device=dev, image_size=S,
                                  query_size=q, queries=queries, seed=seed, max_images=max_images)
         write_curve(pts, out/'curve.json')
     if run.ranking is not None:   # the top-k grids from the ranking the metrics were computed on

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .utils import resolve_device, resolve_precision, run_cli, script_entry
 from .checkpoint import save_checkpoint, prune_checkpoints, truncate_metrics
-from .distributed import CachedScenes, LoaderScenes, epoch_order, init_distributed, mean_across_ranks
+from .distributed import CachedScenes, LoaderScenes, init_distributed, mean_across_ranks
 from .models import LEVELS as ALL_LEVELS
 from . import data as _data
 from .train_config import TrainConfig, parse_config
