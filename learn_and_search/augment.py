@@ -10,32 +10,44 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['JITTER', 'BLUR_SIGMA', 'PRESETS', 'PRESET_NAMES', 'INTERPOLATIONS', 'HARD_QUERIES', 'HARD_BLUR_KERNEL', 'Preset',
-           'get_preset', 'crop_affine', 'crop_queries', 'resize_images', 'rgb_to_hsv', 'hsv_to_rgb', 'color_jitter',
-           'gaussian_blur', 'QueryAugment', 'hard_query_params', 'hard_queries']
+__all__ = ['JITTER', 'BLUR_SIGMA', 'FLIPS', 'BRANCHES', 'PRESETS', 'PRESET_NAMES', 'INTERPOLATIONS', 'HARD_QUERIES',
+           'HARD_BLUR_KERNEL', 'Preset', 'get_preset', 'crop_affine', 'crop_queries', 'resize_images', 'rgb_to_hsv',
+           'hsv_to_rgb', 'color_jitter', 'gaussian_blur', 'QueryAugment', 'hard_query_params', 'hard_queries']
 
 # %% ../nbs/02_augment.ipynb #2bd36d70
 JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue strengths (SimCLR's 0.8 * s with s = 0.5)
 BLUR_SIGMA = (0.1, 2.0)        # Gaussian-blur sigma range in query pixels (torchvision's GaussianBlur default)
+FLIPS = ('image', 'query')     # what a preset's flips mirror: the training image (scene + queries) or each query alone
+BRANCHES = ('separate', 'shared')  # the paper's two networks, or one network embedding both the query and the scene
 
 @dataclass(frozen=True)
 class Preset:
-    "A named query-augmentation recipe"
+    "A named training recipe: the augmentations, and the model's heads and branches"
     name:str                         # preset name, e.g. 'model3'
-    hflip:bool=False                 # random horizontal flip, p = 0.5 per sample
+    hflip:bool=False                 # random horizontal flip, p = 0.5 per sample (of what: `flip`)
     vflip:bool=False                 # random vertical flip, p = 0.5 per sample
+    flip:str='image'                 # 'image': flip the scene with its queries; 'query': each query relative to its scene
     color_jitter:tuple|None=None     # (brightness, contrast, saturation, hue) strengths, as `v2.ColorJitter`
     blur:tuple|None=None             # (min, max) Gaussian-blur sigma in query pixels
     random_interpolation:bool=False  # resize algorithm drawn per call from `INTERPOLATIONS`
     rotation:float=0.                # max |angle| in degrees of a rotation about the box centre; 0 = none
     scale_jitter:tuple|None=None     # (min, max) zoom about the box centre (> 1 zooms in); None = none
+    projection_head:bool=False       # MLP projection heads on the model (read by `models.create_model`)
+    branches:str='separate'          # one of `BRANCHES` (read by `models.create_model`)
+
+    def __post_init__(self):
+        if self.flip not in FLIPS: raise ValueError(f"Preset {self.name!r}: flip must be one of {', '.join(FLIPS)}, got {self.flip!r}")
+        if self.branches not in BRANCHES:
+            raise ValueError(f"Preset {self.name!r}: branches must be one of {', '.join(BRANCHES)}, got {self.branches!r}")
 
 _m1 = Preset('model1', hflip=True, vflip=True)
 _m2 = replace(_m1, name='model2', color_jitter=JITTER)
 _m3 = replace(_m2, name='model3', blur=BLUR_SIGMA, random_interpolation=True)
-_m4 = replace(_m3, name='model4')   # model3's augmentations; the model adds projection heads (see models)
-PRESETS = {p.name: p for p in (_m1, _m2, _m3, _m4, replace(_m4, name='robust', rotation=25., scale_jitter=(0.8, 1.2)))}
-PRESET_NAMES = tuple(PRESETS)   # the paper's four models and robust, in order: the one list of model names (models, reproduce)
+_m4 = replace(_m3, name='model4', projection_head=True)   # model3's augmentations with projection heads
+_rb = replace(_m4, name='robust', rotation=25., scale_jitter=(0.8, 1.2))
+PRESETS = {p.name: p for p in (_m1, _m2, _m3, _m4, _rb, replace(_m4, name='shared', branches='shared'),
+                               replace(_rb, name='shared-robust', branches='shared'))}
+PRESET_NAMES = tuple(PRESETS)   # the one list of model names, in grid order (models, reproduce)
 
 def get_preset(name:str|Preset)->Preset:
     "The `Preset` called `name` (a `Preset` passes through)"
@@ -162,14 +174,29 @@ def gaussian_blur(images:Tensor,        # (B, C, H, W) float
 class QueryAugment(nn.Module):
     "Cut query crops from `scenes` at `boxes` and apply `preset`'s augmentations, per-sample, batched on the device"
     def __init__(self, preset:str|Preset='model1', # preset name or `Preset`
-                 query_size:int=64):                 # side of the output crops
+                 query_size:int=64,                  # side of the output crops
+                 flip:str|None=None):                # 'image' or 'query' (see `FLIPS`); None = the preset's
         super().__init__()
         self.preset, self.query_size = get_preset(preset), query_size
         if query_size < 8: raise ValueError(f"QueryAugment: query_size must be >= 8, got {query_size}")
+        self.flip = self.preset.flip if flip is None else flip
+        if self.flip not in FLIPS: raise ValueError(f"QueryAugment: flip must be one of {', '.join(FLIPS)}, got {flip!r}")
         self.blur_kernel = 2 * math.ceil(3 * self.preset.blur[1]) + 1 if self.preset.blur else None
 
+    def flip_scenes(self, scenes:Tensor,    # (B, 3, S, S)
+                    generator:torch.Generator|None=None,
+                   )->Tensor:               # (B, 3, S, S): each scene flipped as the preset says (a no-op for flip='query')
+        "Flip each training image (its queries are cut afterwards, so they keep its orientation)"
+        p, dev = self.preset, generator.device if generator is not None else torch.device('cpu')
+        if self.flip != 'image': return scenes
+        for on, dim in ((p.hflip, -1), (p.vflip, -2)):
+            if on:
+                flip = (torch.rand(len(scenes), generator=generator, device=dev) < 0.5).to(scenes.device)
+                scenes = torch.where(flip.view(-1, 1, 1, 1), scenes.flip(dim), scenes)
+        return scenes
+
     def sample_params(self, n:int, generator:torch.Generator|None=None)->dict:
-        "Draw the random parameters for `n` samples (tensors on the generator's device)"
+        "Draw the random parameters for `n` query crops (tensors on the generator's device)"
         p, dev = self.preset, generator.device if generator is not None else torch.device('cpu')
         u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator, device=dev)
         out = {}
@@ -177,8 +204,8 @@ class QueryAugment(nn.Module):
         if p.scale_jitter: out['scale'] = u(*p.scale_jitter)
         if p.random_interpolation:
             out['interpolation'] = INTERPOLATIONS[int(torch.randint(len(INTERPOLATIONS), (1,), generator=generator, device=dev))]
-        if p.hflip: out['hflip'] = torch.rand(n, generator=generator, device=dev) < 0.5
-        if p.vflip: out['vflip'] = torch.rand(n, generator=generator, device=dev) < 0.5
+        if p.hflip and self.flip == 'query': out['hflip'] = torch.rand(n, generator=generator, device=dev) < 0.5
+        if p.vflip and self.flip == 'query': out['vflip'] = torch.rand(n, generator=generator, device=dev) < 0.5
         if p.color_jitter:
             b, c, s, h = p.color_jitter
             for k, v in dict(brightness=b, contrast=c, saturation=s).items(): out[k] = u(max(0., 1 - v), 1 + v)
@@ -186,7 +213,7 @@ class QueryAugment(nn.Module):
         if p.blur: out['sigma'] = u(*p.blur)
         return out
 
-    def forward(self, scenes:Tensor,   # (B, 3, S, S) float in [0, 1] or uint8
+    def forward(self, scenes:Tensor,   # (B, 3, S, S) float in [0, 1] or uint8 (already flipped by `flip_scenes`)
                 boxes:Tensor,          # (B, 4) xywh query boxes in scene pixels
                 generator:torch.Generator|None=None,  # source of randomness; None = torch's global RNG
                )->Tensor:              # (B, 3, query_size, query_size) float in [0, 1]

@@ -11,7 +11,7 @@ import torchvision.models as tvm
 from torch import Tensor
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-from .augment import PRESET_NAMES
+from .augment import PRESETS, PRESET_NAMES, BRANCHES
 from .checkpoint import load_checkpoint, read_torch_file
 
 # %% auto #0
@@ -97,9 +97,18 @@ class SceneEncoder(nn.Module):
         self.head = nn.Sequential(nn.Conv2d(256, 256, 1), nn.ReLU(inplace=True), nn.Conv2d(256, dim, 1)) \
                     if projection_head else nn.Conv2d(256, dim, 1)
 
+    def features(self, images:Tensor)->dict:      # (B, 3, S, S) -> level -> (B, 256, H, W), before the head
+        "FPN features of `images` on this encoder's levels"
+        feats = dict(zip(LEVELS, self.fpn(self.norm(images)).values()))   # keys '0','1','2','p6','p7' -> P3..P7
+        return {k: feats[k] for k in self.levels}
+
     def forward(self, scenes:Tensor)->dict:
-        feats = dict(zip(LEVELS, self.fpn(self.norm(scenes)).values()))   # keys '0','1','2','p6','p7' -> P3..P7
-        return {k: self.head(feats[k]) for k in self.levels}
+        return {k: self.head(v) for k, v in self.features(scenes).items()}
+
+    def embed_crops(self, crops:Tensor)->Tensor:  # (B, 3, q, q) -> (B, dim) (not normalized)
+        "A crop through this same network: each level's features average-pooled, the levels averaged, then the head"
+        pooled = torch.stack([f.mean((2, 3)) for f in self.features(crops).values()]).mean(0)   # (L, B, 256) -> (B, 256)
+        return self.head(pooled[:, :, None, None]).flatten(1)                                    # (B, dim, 1, 1) -> (B, dim)
 
 # %% ../nbs/04_models.ipynb #72ec9baf
 def similarity_maps(query:Tensor,   # (B, D) L2-normalized query embeddings
@@ -109,15 +118,16 @@ def similarity_maps(query:Tensor,   # (B, D) L2-normalized query embeddings
     return {k: torch.einsum('bd,bdhw->bhw', query, g) for k, g in grids.items()}
 
 class LearnAndSearch(nn.Module):
-    "Query and scene encoders sharing one embedding space"
-    def __init__(self, query_encoder:CropEncoder, scene_encoder:SceneEncoder, config:dict):
+    "Query and scene encoders sharing one embedding space (`query_encoder=None`: the scene encoder embeds queries too)"
+    def __init__(self, query_encoder:CropEncoder|None, scene_encoder:SceneEncoder, config:dict):
         super().__init__()
         self.query_encoder, self.scene_encoder, self.config = query_encoder, scene_encoder, dict(config)
         self.levels, self.dim = tuple(scene_encoder.levels), int(config['dim'])
 
     def embed_queries(self, crops:Tensor)->Tensor:   # (B, 3, q, q) in [0, 1] -> (B, D) unit vectors
         "L2-normalised query embeddings"
-        return F.normalize(self.query_encoder(crops), dim=1)
+        q = self.scene_encoder.embed_crops(crops) if self.query_encoder is None else self.query_encoder(crops)
+        return F.normalize(q, dim=1)
 
     def embed_scenes(self, scenes:Tensor)->dict:     # (B, 3, S, S) in [0, 1] -> level -> (B, D, H, W) unit vectors
         "L2-normalised grid embeddings on every level"
@@ -131,7 +141,7 @@ class LearnAndSearch(nn.Module):
         return similarity_maps(*self(crops, scenes))
 
 # %% ../nbs/04_models.ipynb #8a7e3a0d
-PROJECTION_HEAD_PRESETS = ('model4', 'robust')   # those of `augment.PRESET_NAMES` trained with MLP projection heads
+PROJECTION_HEAD_PRESETS = tuple(n for n, p in PRESETS.items() if p.projection_head)   # presets trained with MLP heads
 
 def _preset_name(preset)->str:
     return preset if isinstance(preset, str) else getattr(preset, 'name', preset)   # a name, or an object with `.name`
@@ -143,7 +153,8 @@ def create_model(preset:str='model1',         # preset name the model is trained
                  levels:tuple=LEVELS,         # pyramid levels to embed
                  image_size:int=256,          # recorded in `config` for evaluation and search
                  query_size:int=64,           # recorded in `config`
-                 projection_head:bool|None=None,  # MLP heads on both branches; None = `preset in PROJECTION_HEAD_PRESETS`
+                 projection_head:bool|None=None,  # MLP heads on both branches; None = the preset's
+                 branches:str|None=None,      # 'separate' or 'shared' (`augment.BRANCHES`); None = the preset's
                 )->LearnAndSearch:
     "Build a `LearnAndSearch` model for `preset` on an `arch` backbone"
     name = _preset_name(preset)
@@ -151,15 +162,18 @@ def create_model(preset:str='model1',         # preset name the model is trained
         if name not in PRESET_NAMES:
             raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESET_NAMES)} (or pass projection_head)")
         projection_head = name in PROJECTION_HEAD_PRESETS
+    if branches is None: branches = PRESETS[name].branches if name in PRESETS else 'separate'
+    if branches not in BRANCHES: raise ValueError(f"branches must be one of {', '.join(BRANCHES)}, got {branches!r}")
     if not isinstance(name, str) or not name: raise ValueError(f"preset must be a non-empty name, got {name!r}")
     check_arch(arch)
     if not (isinstance(dim, int) and dim >= 1): raise ValueError(f"dim must be a positive int, got {dim!r}")
     head = bool(projection_head)
-    config = dict(preset=name, arch=arch, dim=dim, levels=list(check_levels(levels)), projection_head=head,
+    config = dict(preset=name, arch=arch, dim=dim, levels=list(check_levels(levels)), projection_head=head, branches=branches,
                   image_size=image_size, query_size=query_size, weights=None if weights is None else str(weights))
-    return LearnAndSearch(CropEncoder(arch, dim, head, weights), SceneEncoder(arch, dim, head, weights, levels), config)
+    crop_encoder = CropEncoder(arch, dim, head, weights) if branches == 'separate' else None
+    return LearnAndSearch(crop_encoder, SceneEncoder(arch, dim, head, weights, levels), config)
 
-MODEL_CONFIG_KEYS = ('preset', 'arch', 'dim', 'levels', 'image_size', 'query_size', 'projection_head')
+MODEL_CONFIG_KEYS = ('preset', 'arch', 'dim', 'levels', 'image_size', 'query_size', 'projection_head', 'branches')
 
 def _model_kwargs(cfg:dict)->dict:   # a stored model config -> `create_model` keyword arguments (random weights)
     kw = {k: cfg[k] for k in MODEL_CONFIG_KEYS if k in cfg and cfg[k] is not None}

@@ -13,7 +13,7 @@ from .figures import plot_heatmaps, plot_loss_dynamics, plot_sga, plot_topk, sav
 from .metric_tables import metric
 from .paper_tables import (
     COLUMNS, category_table, loss_table, per_category_table, read_log, retrieval_table, sga_table, with_intervals, write_tables)
-from .targets import target_markdown_frame, target_rows
+from .targets import target_markdown_frame, target_pairs, target_rows
 from .utils import atomic_write, frame_markdown
 
 # %% auto #0
@@ -215,7 +215,7 @@ def results_readme(run:dict,       # from `read_run`
     return readme_text(f'Learn and Search: `{grid}` results', intro, setup, sections)
 
 # %% ../nbs/08d_results.ipynb #rs000009
-def _target_models(v)->set: return {v} if isinstance(v, str) else {v[0]}
+def _target_models(v)->set: return {v} if isinstance(v, str) else {m for m, _ in target_pairs(v)}
 
 def render_run(run:dict,            # from `read_run`
                out,                 # folder for tables, figures and README.md

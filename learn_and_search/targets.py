@@ -8,7 +8,7 @@ import pandas as pd
 from .metric_tables import metric
 
 # %% auto #0
-__all__ = ['target_rows', 'target_markdown_frame']
+__all__ = ['target_pairs', 'target_rows', 'target_markdown_frame']
 
 # %% ../nbs/06f_targets.ipynb #tg0005
 def _all(m:dict, key:str): return metric(m, key, 'all')
@@ -24,10 +24,14 @@ def _throughput(log:pd.DataFrame, skip:int=2)->float|None:
     if 'pairs_per_s' not in log or len(log) <= skip: return None
     return float(log['pairs_per_s'].iloc[skip:].median())
 
+def target_pairs(v)->list:
+    "A target's `(model, goal)` pairs: none, one pair, or a list of them"
+    return [] if v is None else [tuple(v)] if isinstance(v[0], str) else [tuple(p) for p in v]
+
 def target_rows(metrics:dict,  # model name -> `evaluate` metrics; the first holds the baselines
                 logs:dict,     # model name -> training log (`paper_tables.read_log`)
                 targets:dict,  # sga=(model, goal), riga_ratio=(model, goal), hard=(model, goal), throughput=(model, goal),
-                               # retrieval=model: any subset
+                               # retrieval=model: any subset; the first three may also be lists of (model, goal)
                )->pd.DataFrame:  # target, goal, ours, met, by (ours - goal; ratio - goal for the ratio)
     "Each of `targets` beside what the run measured"
     first = next(iter(metrics.values()))
@@ -35,15 +39,15 @@ def target_rows(metrics:dict,  # model name -> `evaluate` metrics; the first hol
     tm = base.get('template_matching') or {}
     rows = []
     def add(target, goal, ours_text, value, met, by): rows.append(dict(target=target, goal=goal, ours=ours_text, met=met, by=by))
-    if 'sga' in targets:
-        m, goal = targets['sga']; v = _all(metrics[m], 'sga')
+    for m, goal in target_pairs(targets.get('sga')):
+        v = _all(metrics[m], 'sga')
         add(f'{m} SGA (all levels), standard queries', f'≥ {goal:.2f}', _ci(metrics[m], 'sga'), v, v >= goal, v - goal)
-    if 'riga_ratio' in targets:
-        m, goal = targets['riga_ratio']; v, r = _all(metrics[m], 'sga'), _all(metrics[m], 'riga')
+    for m, goal in target_pairs(targets.get('riga_ratio')):
+        v, r = _all(metrics[m], 'sga'), _all(metrics[m], 'riga')
         ratio = v / r if r else float('inf')
         add(f'{m} SGA / its random-init twin', f'≥ {goal:g}x', f'{ratio:.1f}x ({v:.3f} / {r:.3f})', ratio, ratio >= goal, ratio - goal)
-    if 'hard' in targets:
-        m, goal = targets['hard']; v = _all(metrics[m], 'sga_hard')
+    for m, goal in target_pairs(targets.get('hard')):
+        v = _all(metrics[m], 'sga_hard')
         note = f"; template matching {tm['sga_hard']:.3f}" if tm.get('sga_hard') is not None else ''
         add(f'{m} SGA (all levels), hard queries', f'≥ {goal:.2f}', _ci(metrics[m], 'sga_hard') + note, v, v >= goal, v - goal)
     if 'throughput' in targets:

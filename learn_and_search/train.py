@@ -22,7 +22,7 @@ from .run_folder import RunFolder, check_same_data, data_fingerprint
 
 # %% auto #0
 __all__ = ['warmup_cosine', 'auto_warmup', 'make_optimizer', 'step_generator', 'rng_state', 'set_rng_state', 'sample_query_boxes',
-           'open_scenes', 'train_step', 'RunState', 'TrainingDiverged', 'train', 'main']
+           'open_scenes', 'TrainingDiverged', 'train_step', 'RunState', 'resolved_config', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #4e63ecaf
 def warmup_cosine(step:int,   # optimiser steps taken so far (0 for the first step)
@@ -122,6 +122,9 @@ def open_scenes(config:TrainConfig, rank:int=0, world:int=1, device=torch.device
     return scenes, n, skipped
 
 # %% ../nbs/05_train.ipynb #91f29176
+class TrainingDiverged(ValueError):
+    "The loss or the gradients became NaN or infinite: the run stops with the last good checkpoint kept"
+
 def train_step(model:nn.Module,       # LearnAndSearch (possibly DDP / compiled)
                augment:nn.Module,     # QueryAugment
                loss_fn:nn.Module,     # AntXentLoss
@@ -136,7 +139,9 @@ def train_step(model:nn.Module,       # LearnAndSearch (possibly DDP / compiled)
     device = generator.device
     scenes = scenes.to(device, non_blocking=True).float().div_(255)   # uint8 -> float [0, 1]
     boxes = boxes.to(device, non_blocking=True).float()
-    with torch.no_grad(): crops = augment(scenes, boxes, generator=generator)   # (b * K, 3, q, q), scenes not copied
+    with torch.no_grad():
+        scenes = augment.flip_scenes(scenes, generator)           # the training image flips with its queries (flip='image')
+        crops = augment(scenes, boxes, generator=generator)       # (b * K, 3, q, q), scenes not copied
     if channels_last:
         scenes, crops = scenes.contiguous(memory_format=torch.channels_last), crops.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -144,6 +149,11 @@ def train_step(model:nn.Module,       # LearnAndSearch (possibly DDP / compiled)
         out = loss_fn(query, grids, boxes, scenes.shape[-1], generator=generator)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
+    # checked before the step, so bad weights never exist: a finite loss can still give inf gradients (bf16 overflow);
+    # under DDP the gradients are already averaged, so every rank sees a NaN of any rank and stops at the same step
+    norm = torch.nn.utils.get_total_norm([p.grad for g in optimizer.param_groups for p in g['params'] if p.grad is not None])
+    if not torch.isfinite(out.loss.detach()): raise TrainingDiverged(f"loss is {out.loss.item()}")
+    if not torch.isfinite(norm): raise TrainingDiverged(f"the gradient norm is {norm.item()} (loss {out.loss.item():.4g})")
     optimizer.step(); scheduler.step()
     return out
 
@@ -175,9 +185,10 @@ def _build(config:TrainConfig, device, total_steps:int, fresh:bool=True)->tuple:
     weights = config.weights if fresh else None
     torch.manual_seed(config.seed)
     model = create_model(config.preset, arch=config.arch, dim=config.dim, weights=weights,
-                         levels=tuple(config.levels), image_size=config.image_size, query_size=config.query_size).to(device)
+                         levels=tuple(config.levels), image_size=config.image_size, query_size=config.query_size,
+                         branches=config.branches).to(device)
     model = model.to(memory_format=torch.channels_last)   # NHWC: what cuDNN and oneDNN convolutions prefer
-    augment = QueryAugment(get_preset(config.preset), config.query_size).to(device)
+    augment = QueryAugment(get_preset(config.preset), config.query_size, flip=config.flip).to(device)
     loss_fn = AntXentLoss(temperature=config.temperature, anchor_negatives=config.anchor_negatives,
                           compile=config.compile)   # --compile compiles the fused loss too (eager when gathering across ranks)
     return (model, augment, loss_fn, *make_optimizer(model, config, total_steps))
@@ -215,6 +226,10 @@ def _snapshot(s:RunState):
 def _save(s:RunState):
     "Checkpoint `s` to last.pt (resumable), every `checkpoint_every` steps also its weights, prune old ones, update config.json"
     c, f = s.config, s.folder
+    bad = [k for k, v in s.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:   # the step's own checks should have stopped it: never let a non-finite checkpoint replace a good one
+        raise TrainingDiverged(f"{len(bad)} weight tensors (e.g. {bad[0]}) are non-finite at step {s.step}: training diverged; "
+                               f"the last good checkpoint is {f.last if f.last.exists() else 'none (no step was saved)'}")
     save_checkpoint(_checkpoint_state(s), f.last)   # last.pt first: a kill between the two leaves it current
     # periodic files hold the weights only: the run folder stays bounded (last.pt + keep_checkpoints thirds of it)
     if s.step % c.checkpoint_every == 0: save_checkpoint(_weights_state(s), f.checkpoints/f'step_{s.step:07d}.pt')
@@ -222,19 +237,16 @@ def _save(s:RunState):
     prune_checkpoints(f.checkpoints, c.keep_checkpoints)
 
 # %% ../nbs/05_train.ipynb #5fb5ff3b
-class TrainingDiverged(ValueError):
-    "The loss became NaN or infinite: the run stops with the last good checkpoint kept"
-
 def _one_step(s:RunState, net:nn.Module, scenes:Tensor)->tuple:   # (loss output, the step's learning rate)
     "Step `s.step + 1`: its query boxes and every other random draw from the step's generator, one optimiser step"
     c, lr = s.config, s.optimizer.param_groups[0]['lr']
     g = step_generator(c.seed, s.step, s.rank, s.device)
     boxes = sample_query_boxes(len(scenes) * c.queries_per_scene, c.image_size, c.crop_frac, g)  # (b*K, 4)
-    res = train_step(net, s.augment, s.loss_fn, s.optimizer, s.scheduler, scenes, boxes, g,
-                     amp=c.precision == 'bf16', channels_last=True)
-    if not torch.isfinite(res.loss.detach()):   # diverged: stop before NaN weights reach a checkpoint
-        raise TrainingDiverged(f"loss is {res.loss.item()} at step {s.step + 1} (lr {lr:.3g}): training diverged; "
-                               f"the last good checkpoint is {s.folder.last if s.folder.last.exists() else 'none (no step was saved)'}")
+    try: res = train_step(net, s.augment, s.loss_fn, s.optimizer, s.scheduler, scenes, boxes, g,
+                          amp=c.precision == 'bf16', channels_last=True)
+    except TrainingDiverged as e:   # the weights are still those of the last step: say where the last good checkpoint is
+        raise TrainingDiverged(f"{e} at step {s.step + 1} (lr {lr:.3g}): training diverged; the last good checkpoint is "
+                               f"{s.folder.last if s.folder.last.exists() else 'none (no step was saved)'}") from None
     return res, lr
 
 def _result(s:RunState, metrics:dict|None=None)->dict:
@@ -303,11 +315,21 @@ def _open_logs(s:RunState, fresh:bool):
     if fresh and not (s.folder.out/'metrics.jsonl').exists(): s.folder.created.append(s.folder.out/'metrics.jsonl')
     truncate_metrics(s.folder.out/'metrics.jsonl', s.step)
 
+def resolved_config(config:TrainConfig, device)->TrainConfig:
+    "`config` with its preset's `branches` and `flip` and its `precision` made explicit: config.json names what ran"
+    from learn_and_search.augment import get_preset
+    p, precision = get_preset(config.preset), config.precision
+    branches, flip = config.branches or p.branches, config.flip or p.flip
+    # the shared network under CPU bf16 autocast reached loss NaN within 25 steps in the reference loop (2 threads, AMD
+    # EPYC with AVX512-BF16) where fp32 trained normally: `auto` keeps it in fp32 on CPUs; bf16 stays available by name
+    if precision == 'auto' and branches == 'shared' and torch.device(device).type == 'cpu': precision = 'fp32'
+    return replace(config, branches=branches, flip=flip, precision=resolve_precision(precision, device))
+
 def train(config:TrainConfig, # validated here
           callback=None,      # optional `callback(step, metrics)` on rank 0 after each logged step
           progress:bool=True, # show the cache build's progress bar
          )->dict:             # step, epoch, metrics (last logged), out, checkpoint, images, skipped
-    "Train the two-branch model with ANT-Xent as `config` says; resumable, DDP-aware (torchrun)"
+    "Train the model with ANT-Xent as `config` says; resumable, DDP-aware (torchrun)"
     config.validate()
     ddp = init_distributed(resolve_device(config.device).type)
     rank, world = ddp['rank'], ddp['world']
@@ -316,7 +338,7 @@ def train(config:TrainConfig, # validated here
         if config.batch_size % world:
             raise ValueError(f"TrainConfig.batch_size={config.batch_size} does not divide across {world} ranks")
         device = _training_device(config, ddp)
-        config = replace(config, precision=resolve_precision(config.precision, device))   # config.json names what ran
+        config = resolved_config(config, device)                                           # config.json names what ran
         folder = RunFolder.open(config, rank)                                              # locked while it trains
         ckpt = folder.start(config)                                                        # None: a fresh run
         scenes, n_images, skipped = open_scenes(config, rank, world, device, progress)

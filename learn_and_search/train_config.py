@@ -31,7 +31,9 @@ class TrainConfig:
     "Every setting of a training run (flags of `las-train` mirror the field names)"
     data: str = 'synthetic'         # 'synthetic', a COCO root (with `split`) or a plain folder of images
     split: str = 'train2017'        # COCO split folder when `data` is a COCO root
-    preset: str = 'model1'          # augmentation / head preset: model1..model4, robust
+    preset: str = 'model1'          # training recipe (`augment.PRESETS`): model1..model4, robust, shared, shared-robust
+    branches: str|None = None       # 'separate' (the paper's two networks) or 'shared' (one network); None = the preset's
+    flip: str|None = None           # what the preset's flips mirror: 'image' (scene + queries) or 'query'; None = the preset's
     arch: str = 'resnet18'          # ResNet backbone of both branches
     dim: int = 256                  # embedding size
     weights: str|None = None        # None (random init), 'imagenet' or a state_dict path
@@ -83,7 +85,7 @@ class TrainConfig:
 
     def validate(self)->TrainConfig:
         "Raise ValueError naming the first bad field; return `self`"
-        from learn_and_search.augment import get_preset
+        from learn_and_search.augment import get_preset, BRANCHES, FLIPS
         for f in fields(self):   # a YAML `resume: "no"` is a truthy string: switches must be real booleans
             if isinstance(f.default, bool):
                 _check(isinstance(getattr(self, f.name), bool), f.name, getattr(self, f.name), 'must be true or false (a boolean, not a string)')
@@ -92,6 +94,8 @@ class TrainConfig:
         _chapter_check('crop_frac', self.crop_frac, check_crop_frac)
         _chapter_check('arch', self.arch, check_arch)
         _chapter_check('preset', self.preset, get_preset)
+        _check(self.branches is None or self.branches in BRANCHES, 'branches', self.branches, f"must be one of {', '.join(BRANCHES)} or None")
+        _check(self.flip is None or self.flip in FLIPS, 'flip', self.flip, f"must be one of {', '.join(FLIPS)} or None")
         _check(isinstance(self.data, str) and (self.data == 'synthetic' or Path(self.data).expanduser().exists()), 'data', self.data,
                "no such folder (give a folder of images, a COCO root, or 'synthetic')")
         check_image_size(self.image_size, 'TrainConfig.image_size')   # names the field itself
@@ -119,7 +123,7 @@ def _opt_str(s:str): return None if str(s).lower() in ('none', 'null', '') else 
 _FLAG_TYPES = dict(dim=int, epochs=int, steps=_opt_int, batch_size=int, queries_per_scene=int, image_size=int, query_size=int, lr=float,
                    weight_decay=float, warmup_steps=_opt_int, temperature=float, anchor_negatives=_opt_int, seed=int,
                    checkpoint_every=int, keep_checkpoints=int, snapshot_every=_opt_int, log_every=int, workers=int, limit_images=_opt_int,
-                   weights=_opt_str, cache_dir=_opt_str)
+                   weights=_opt_str, cache_dir=_opt_str, branches=_opt_str, flip=_opt_str)
 
 def _field_help()->dict:
     "The comment of each `TrainConfig` field (fastcore.docments; empty where the source is not available)"
