@@ -245,8 +245,9 @@ def render_run(run:dict,            # from `read_run`
         written += save_figure(plot_sga_vs_pairs(run['curves'], {'standard': tm.get('sga'), 'hard': tm.get('sga_hard')},
                                                  PAPER_CLAIMS['sga'], f'SGA against training pairs seen ({grid})'),
                                out/'sga_vs_pairs', svg=True)
-    budget = out/'cpu_budget.md'   # the learning-per-CPU-minute table, made by scripts/cpu_budget.py
-    if budget.is_file(): run = {**run, 'extra_sections': budget.read_text().strip().splitlines()}
+    # the learning-per-CPU-minute tables, made by scripts/cpu_budget.py (its sweeps, the recipe's first)
+    budgets = [out/f'cpu_budget_{s}.md' for s in ('recipe', 'augment', 'k') if (out/f'cpu_budget_{s}.md').is_file()]
+    if budgets: run = {**run, 'extra_sections': [l for b in budgets for l in [*b.read_text().strip().splitlines(), '']][:-1]}
     G = metrics[models[0]]['gallery_size']
     for m in models:
         ev = run['runs']/'eval'/m
