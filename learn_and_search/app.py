@@ -104,8 +104,10 @@ class LookupApp:
         "The top-k gallery images for the `box` of `source`, with each hit's best cell, score and level, and the time taken"
         t0 = time.perf_counter()
         img, box = self._query(source, box)
-        k = self.k if k is None else int(k)
-        if not 1 <= k <= MAX_K: raise ValueError(f"k must be in [1, {MAX_K}], got {k}")
+        if k is None: k = self.k
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not (1 <= k <= MAX_K) or k != int(k):  # JSON: Infinity, 2.5, "5"
+            raise ValueError(f"k must be in [1, {MAX_K}], got {k!r}")
+        k = int(k)
         score = score or self.index.default_score
         if score not in self.score_modes:
             raise ValueError(f"score {score!r} is not available for this index (available: {', '.join(self.score_modes)})")
@@ -243,11 +245,20 @@ class _Reply(Exception):
     "An HTTP answer other than 200 (a bad request: one line for the page)"
     def __init__(self, status:str, message:str): super().__init__(message); self.status = status
 
+def _content_length(environ)->int:
+    "The request's Content-Length, a whole number >= 0 (a negative one would make `read` wait for the client to hang up)"
+    raw = environ.get('CONTENT_LENGTH') or '0'
+    try: n = int(raw)
+    except ValueError: raise _Reply('400 Bad Request', f"Content-Length {raw!r} is not a whole number") from None
+    if n < 0: raise _Reply('400 Bad Request', f"Content-Length {n} is negative")
+    return n
+
 def _json_body(environ, limit:int=2**20)->dict:
-    n = int(environ.get('CONTENT_LENGTH') or 0)
+    n = _content_length(environ)
     if n > limit: raise _Reply('413 Payload Too Large', f"request of {n} bytes is over the {limit} byte limit")
     try: body = json.loads(environ['wsgi.input'].read(n) or b'{}')
     except ValueError as e: raise _Reply('400 Bad Request', f"request is not JSON: {e}") from None
+    except RecursionError: raise _Reply('400 Bad Request', "request is not JSON this page sends: nested too deeply") from None
     if not isinstance(body, dict): raise _Reply('400 Bad Request', "request must be a JSON object")
     return body
 
@@ -261,7 +272,7 @@ def _route(app:LookupApp, environ)->tuple:   # (status, content type, body bytes
     if method == 'GET' and path.startswith('/image/'):
         return '200 OK', 'image/jpeg', app.jpeg(path.removeprefix('/image/'), int(q['max']) if q.get('max', '').isdigit() else None)
     if method == 'POST' and path == '/api/upload':
-        n = int(environ.get('CONTENT_LENGTH') or 0)
+        n = _content_length(environ)
         if n > app.max_upload_bytes:   # refused before the body is read
             raise _Reply('413 Payload Too Large', f"{q.get('name', 'upload')}: {n / 2**20:.1f} MB is over the "
                          f"{app.max_upload_bytes / 2**20:.0f} MB upload limit")
@@ -276,11 +287,14 @@ def _route(app:LookupApp, environ)->tuple:   # (status, content type, body bytes
 
 @patch
 def __call__(self:LookupApp, environ, start_response):
-    "WSGI entry: every failure is a JSON `{error}` of one line with a 4xx status, never a traceback"
+    "WSGI entry: every failure is a JSON `{error}` of one line (4xx for bad input, 500 for a fault), never a traceback"
+    one_line = lambda e: json.dumps(dict(error=' '.join(str(e).split()) or type(e).__name__)).encode()
     try: status, ctype, body = _route(self, environ)
     except _Reply as e: status, ctype, body = e.status, 'application/json', json.dumps(dict(error=str(e))).encode()
-    except (ValueError, TypeError, KeyError) as e:
-        status, ctype, body = '400 Bad Request', 'application/json', json.dumps(dict(error=' '.join(str(e).split()))).encode()
+    except (ValueError, TypeError, KeyError, OverflowError) as e: status, ctype, body = '400 Bad Request', 'application/json', one_line(e)
+    except Exception as e:   # a fault of ours: one line on the terminal and to the page, and the server keeps serving
+        print(f"las-app: {environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}: {type(e).__name__}: {e}", file=sys.stderr)
+        status, ctype, body = '500 Internal Server Error', 'application/json', one_line(f"internal error ({type(e).__name__}): {e}")
     start_response(status, [('Content-Type', ctype), ('Content-Length', str(len(body))), ('Cache-Control', 'no-store')])
     return [body]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .utils import describe_machine, markdown_table, resolve_device, resolve_precision, run_cli, script_entry
-from .train import make_optimizer, step_generator, train_step, sample_query_boxes
+from .train import make_optimizer, resolved_config, step_generator, train_step, sample_query_boxes
 from .train_config import TrainConfig
 
 # %% ../nbs/05b_bench_train.ipynb #d882fef2
@@ -38,7 +38,7 @@ def bench_setting(image_size:int=256, batch_size:int=16, query_size:int=64, pres
                   loss_reps:int=3,        # timed repetitions of the batched loss alone (the loop runs once)
                   device:str='auto', seed:int=0,
                   loop:bool=True,         # also time the per-sample loop (O(B^2): slow at large batches)
-                  precision:str='auto',   # 'auto', 'bf16' or 'fp32' (`utils.resolve_precision`)
+                  precision:str='auto',   # 'auto', 'bf16' or 'fp32' (resolved as `las-train` does: `train.resolved_config`)
                   queries_per_scene:int=1, # K query crops per scene: batch_size * K pairs a step
                  )->dict:
     "Throughput, peak memory and loss timings of training steps at one setting"
@@ -46,7 +46,7 @@ def bench_setting(image_size:int=256, batch_size:int=16, query_size:int=64, pres
     from learn_and_search.augment import QueryAugment
     from learn_and_search.loss import AntXentLoss, ant_xent_reference
     dev = resolve_device(device); cuda = dev.type == 'cuda'
-    prec = resolve_precision(precision, dev); amp = prec == 'bf16'
+    prec = resolved_config(TrainConfig(preset=preset, precision=precision), dev).precision; amp = prec == 'bf16'
     if cuda: torch.backends.cudnn.benchmark = True; torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(seed)
     model = create_model(preset, arch=arch, image_size=image_size, query_size=query_size).to(dev).train()
@@ -80,8 +80,8 @@ def bench_setting(image_size:int=256, batch_size:int=16, query_size:int=64, pres
     if loop:   # the loop: once
         _sync(dev); t = time.perf_counter(); lr_ = loss_fb(ref); _sync(dev); t_ref = time.perf_counter() - t
         diff = abs(float(lv) - float(lr_))
-    return dict(image_size=image_size, query_size=query_size, batch_size=batch_size, queries_per_scene=queries_per_scene,
-                amp=prec, pairs_per_s=batch_size * queries_per_scene / t_step, step_ms=1e3 * t_step, peak_mib=peak, loss_share=t_loss / t_step,
+    return dict(preset=preset, branches=model.config['branches'], image_size=image_size, query_size=query_size,
+                batch_size=batch_size, queries_per_scene=queries_per_scene, amp=prec, pairs_per_s=batch_size * queries_per_scene / t_step, step_ms=1e3 * t_step, peak_mib=peak, loss_share=t_loss / t_step,
                 loss_ms=1e3 * t_loss, loop_ms=1e3 * t_ref, loop_over_batched=t_ref / t_loss,
                 loss_diff=diff, device=describe_machine(dev), threads=torch.get_num_threads())
 
@@ -101,14 +101,14 @@ def metrics_pairs_per_s(lines:list,     # metrics.jsonl records (step, images_pe
 
 def bench_end_to_end(data:str, image_size:int=256, batch_size:int=16, steps:int=6, skip:int=1, cache:bool=True,
                      workers:int=2, device:str='auto', cache_dir:str|None=None, seed:int=0, query_size:int=64,
-                     precision:str='auto', queries_per_scene:int=1)->dict:
+                     precision:str='auto', queries_per_scene:int=1, preset:str='model1')->dict:
     "Pairs per second of a whole `las-train` run on `data` (cached input or DataLoader), peak memory, cache build time"
     from learn_and_search.train import train
     dev = resolve_device(device)
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(data=str(data), image_size=image_size, query_size=query_size, batch_size=batch_size, steps=steps,
-                          cache=cache, precision=precision, queries_per_scene=queries_per_scene,
+                          cache=cache, precision=precision, queries_per_scene=queries_per_scene, preset=preset,
                           workers=workers, device=device, out=f'{tmp}/run', cache_dir=cache_dir or f'{tmp}/cache',
                           checkpoint_every=10**9, keep_checkpoints=0, seed=seed)
         t = time.perf_counter(); cache_s = float('nan')
@@ -121,7 +121,8 @@ def bench_end_to_end(data:str, image_size:int=256, batch_size:int=16, steps:int=
         wall = time.perf_counter() - t
         lines = [json.loads(l) for l in Path(tmp, 'run', 'metrics.jsonl').read_text().splitlines()]
     return dict(input='cache' if cache else f'DataLoader, {workers} workers', image_size=image_size, query_size=query_size,
-                batch_size=batch_size, queries_per_scene=queries_per_scene, amp=resolve_precision(precision, dev),
+                batch_size=batch_size, queries_per_scene=queries_per_scene, amp=resolved_config(cfg, dev).precision,
+                preset=preset, branches=resolved_config(cfg, dev).branches,
                 steps=res['step'], images=res['images'],
                 pairs_per_s=metrics_pairs_per_s(lines, batch_size, skip, queries_per_scene),
                 wall_s=wall, cache_s=cache_s, peak_mib=peak_memory_mib(dev), device=describe_machine(dev),
@@ -145,11 +146,12 @@ def format_table(rows:dict, device:str)->str:
 def format_end_to_end(rows:list,   # (step alone from `bench_setting`, [end-to-end runs from `bench_end_to_end`]), one per setting
                       device:str)->str:
     "Markdown table: per precision and K, the step alone and the end-to-end `las-train` runs; query pairs per second"
-    header = ['measured', 'px', 'query px', 'scenes', 'K', 'precision', 'pairs/s', 'of step alone', 'peak MiB', 'loss share',
-              'cache build s', 'run wall s']
+    header = ['measured', 'preset', 'branches', 'px', 'query px', 'scenes', 'K', 'precision', 'pairs/s', 'of step alone',
+              'peak MiB', 'loss share', 'cache build s', 'run wall s']
     body = []
     for step, runs in rows:
-        geo = [step['image_size'], step['query_size'], step['batch_size'], step['queries_per_scene'], step['amp']]
+        geo = [step['preset'], step['branches'], step['image_size'], step['query_size'], step['batch_size'], step['queries_per_scene'],
+               step['amp']]
         body.append(['step alone (random uint8 scenes)', *geo, round(step['pairs_per_s'], 2), '100%', round(step['peak_mib']),
                      f"{step['loss_share']:.1%}", None, None])
         body += [[f"las-train, {r['input']} ({r['images']} photos, {r['steps']} steps)", *geo, round(r['pairs_per_s'], 2),
@@ -189,6 +191,8 @@ def _main(argv:list):
     p.add_argument('--query-size', type=int, default=64, help='query crop size for --end-to-end')
     p.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['auto', 'bf16', 'fp32'],
                    help='precisions measured by --end-to-end')
+    p.add_argument('--presets', nargs='+', default=['model4', 'shared'], metavar='PRESET',
+                   help='presets measured by --end-to-end (their branches: separate or shared)')
     p.add_argument('--queries-per-scene', nargs='+', type=int, default=[1, 4, 8], metavar='K',
                    help='query crops per scene measured by --end-to-end')
     p.add_argument('--no-dataloader', action='store_true', help='--end-to-end: leave out the DataLoader (--no-cache) run')
@@ -214,8 +218,9 @@ def _main(argv:list):
         if bad: raise ValueError(f"--queries-per-scene must be >= 1, got {bad[0]}")
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
-            for i, (prec, K) in enumerate((p_, k) for p_ in a.precisions for k in a.queries_per_scene):
-                geo = dict(image_size=a.image_size, query_size=a.query_size, precision=prec, queries_per_scene=K)
+            combos = [(m, p_, k) for m in a.presets for p_ in a.precisions for k in a.queries_per_scene]
+            for i, (preset, prec, K) in enumerate(combos):
+                geo = dict(image_size=a.image_size, query_size=a.query_size, precision=prec, queries_per_scene=K, preset=preset)
                 step = _child(['--setting', 'x', '--json', '--device', a.device, '--steps', str(a.steps or (20 if cuda else 3)),
                                '--warmup', str(a.warmup), '--loss-reps', str(a.loss_reps), '--batch-size', str(batch),
                                '--e2e-child-setting', json.dumps(geo)])

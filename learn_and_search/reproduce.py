@@ -28,8 +28,8 @@ SCALES = {
         evaluate=dict(data='synthetic', split='val2017', queries='both', baselines=True, max_images=None),
         figures=dict(n_examples=3, n_queries=4, k=10)),
     'mini': dict(
-        about='unlabeled photos for training, COCO val2017 + train2017 (a subset) for evaluation, about 75 minutes on 2 CPU '
-              'cores (AMD EPYC with AVX2 only, fp32)',
+        about='unlabeled photos for training, COCO val2017 + train2017 (a subset) for evaluation, about 50 minutes on 2 CPU '
+              'cores (AMD EPYC with AVX2 only, fp32; a fixed number of pairs, so slower cores take longer)',
         device='auto', seed=0, committed=True,
         pairs=MINI_PAIRS, share=dict(model1=0.04, model2=0.04, model3=0.04, model4=0.25, robust=0.08, shared=0.40,
                                      **{'shared-robust': 0.15}),

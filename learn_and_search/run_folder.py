@@ -22,7 +22,7 @@ def data_fingerprint(key:dict)->dict:
     stamps = json.dumps(dict(annotations=key.get('annotations'), sources=key['sources']))
     return dict(images=len(key['sources']), sha256=hashlib.sha256(stamps.encode()).hexdigest())
 
-RESUME_MAY_CHANGE = ('epochs', 'steps', 'out', 'device', 'resume', 'resume_if_exists', 'checkpoint_every',
+RESUME_MAY_CHANGE = ('epochs', 'steps', 'minutes', 'out', 'device', 'resume', 'resume_if_exists', 'checkpoint_every',
                      'keep_checkpoints', 'snapshot_every', 'log_every', 'cache', 'cache_dir', 'workers', 'compile')
 
 def _same_data(a:str, b:str)->bool:

@@ -22,7 +22,8 @@ from .run_folder import RunFolder, check_same_data, data_fingerprint
 
 # %% auto #0
 __all__ = ['warmup_cosine', 'auto_warmup', 'make_optimizer', 'step_generator', 'rng_state', 'set_rng_state', 'sample_query_boxes',
-           'open_scenes', 'TrainingDiverged', 'train_step', 'RunState', 'resolved_config', 'train', 'main']
+           'open_scenes', 'TrainingDiverged', 'train_step', 'RunState', 'resolved_config', 'steps_for_minutes', 'train',
+           'main']
 
 # %% ../nbs/05_train.ipynb #4e63ecaf
 def warmup_cosine(step:int,   # optimiser steps taken so far (0 for the first step)
@@ -325,6 +326,20 @@ def resolved_config(config:TrainConfig, device)->TrainConfig:
     if precision == 'auto' and branches == 'shared' and torch.device(device).type == 'cpu': precision = 'fp32'
     return replace(config, branches=branches, flip=flip, precision=resolve_precision(precision, device))
 
+def steps_for_minutes(config:TrainConfig, scenes, device, probe:int=3)->int:
+    "Steps that fill `config.minutes` of wall clock, timed on `probe` throwaway steps of the run's own model and scenes"
+    model, augment, loss_fn, opt, sched = _build(config, device, probe)   # a copy: the run itself starts from `seed` again
+    batch, times = next(iter(scenes.epoch(0))), []
+    for i in range(probe):
+        g = step_generator(config.seed, i, 0, device)
+        boxes = sample_query_boxes(len(batch) * config.queries_per_scene, config.image_size, config.crop_frac, g)
+        t = time.perf_counter()
+        train_step(model, augment, loss_fn, opt, sched, batch, boxes, g, amp=config.precision == 'bf16', channels_last=True)
+        if device.type == 'cuda': torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    per_step = sorted(times[1:])[len(times[1:]) // 2] if probe > 1 else times[0]   # the median after the first (warm-up)
+    return max(1, int(config.minutes * 60 / per_step))
+
 def train(config:TrainConfig, # validated here
           callback=None,      # optional `callback(step, metrics)` on rank 0 after each logged step
           progress:bool=True, # show the cache build's progress bar
@@ -343,6 +358,9 @@ def train(config:TrainConfig, # validated here
         ckpt = folder.start(config)                                                        # None: a fresh run
         scenes, n_images, skipped = open_scenes(config, rank, world, device, progress)
         check_same_data(ckpt, scenes.data_fingerprint, folder.last)
+        if config.minutes is not None:   # a resumed run keeps the steps its probe chose; config.json records them
+            if world > 1: raise ValueError("TrainConfig.minutes sizes one process's run: give --steps under torchrun")
+            config = replace(config, steps=ckpt['config']['steps'] if ckpt else steps_for_minutes(config, scenes, device))
         if rank == 0: _report_skipped(skipped)
         state = _run_state(config, ckpt, scenes, device, ddp, folder, callback)
         if state.step < state.total:

@@ -39,6 +39,7 @@ class TrainConfig:
     weights: str|None = None        # None (random init), 'imagenet' or a state_dict path
     epochs: int = 1                 # full passes over the images (ignored when `steps` is set)
     steps: int|None = None          # total optimiser steps; overrides `epochs`
+    minutes: float|None = None      # train for about this much wall clock: steps sized by a short speed probe (overrides both)
     batch_size: int = 16            # global batch of scenes, split evenly across ranks
     queries_per_scene: int = 4      # K query crops cut from each scene per step (batch_size * K query pairs a step)
     image_size: int = 256           # scenes are resized to image_size x image_size
@@ -104,6 +105,8 @@ class TrainConfig:
             _check(is_int(getattr(self, name), 1), name, getattr(self, name), 'must be an integer >= 1')
         for name in ('steps', 'anchor_negatives', 'limit_images', 'snapshot_every'):
             v = getattr(self, name); _check(v is None or is_int(v, 1), name, v, 'must be None or an integer >= 1')
+        _check(self.minutes is None or (isinstance(self.minutes, (int, float)) and 0 < self.minutes < math.inf), 'minutes',
+               self.minutes, 'must be None or a positive number of minutes')
         _check(self.warmup_steps is None or is_int(self.warmup_steps, 0), 'warmup_steps', self.warmup_steps, 'must be None or >= 0')
         for name in ('workers', 'keep_checkpoints', 'seed'):
             _check(is_int(getattr(self, name), 0), name, getattr(self, name), 'must be an integer >= 0')
@@ -123,7 +126,8 @@ def _opt_str(s:str): return None if str(s).lower() in ('none', 'null', '') else 
 _FLAG_TYPES = dict(dim=int, epochs=int, steps=_opt_int, batch_size=int, queries_per_scene=int, image_size=int, query_size=int, lr=float,
                    weight_decay=float, warmup_steps=_opt_int, temperature=float, anchor_negatives=_opt_int, seed=int,
                    checkpoint_every=int, keep_checkpoints=int, snapshot_every=_opt_int, log_every=int, workers=int, limit_images=_opt_int,
-                   weights=_opt_str, cache_dir=_opt_str, branches=_opt_str, flip=_opt_str)
+                   weights=_opt_str, cache_dir=_opt_str, branches=_opt_str, flip=_opt_str,
+                   minutes=lambda s: None if str(s).lower() in ('none', 'null', '') else float(s))
 
 def _field_help()->dict:
     "The comment of each `TrainConfig` field (fastcore.docments; empty where the source is not available)"

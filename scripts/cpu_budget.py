@@ -146,16 +146,18 @@ def main(argv=None)->int:
     if a.minutes <= 0 or a.probe_steps < 2: p.error('--minutes must be > 0 and --probe-steps >= 2')
     from learn_and_search.utils import atomic_write, describe_machine
     runs, pairs = Path(a.runs), []
-    folder = lambda arm: runs/f"{arm.replace(' ', '_').replace(',', '').replace('=', '')}-{a.minutes:g}min"
-    spec = lambda arm, **kw: {**dict(arm=arm, minutes=a.minutes, probe_steps=a.probe_steps, train_data=a.train_data,
-                                     eval_data=a.eval_data, runs=str(folder(arm))), **kw}
+    name = lambda arm: arm.replace(' ', '_').replace(',', '').replace('=', '')
+    # one folder per pair and arm: an arm in two pairs (today's recipe) runs in each, beside that pair's other arm
+    folder = lambda pair, arm: runs/f"{name(pair[0])}-vs-{name(pair[1])}-{a.minutes:g}min"/name(arm)
+    spec = lambda pair, arm, **kw: {**dict(arm=arm, minutes=a.minutes, probe_steps=a.probe_steps, train_data=a.train_data,
+                                           eval_data=a.eval_data, runs=str(folder(pair, arm))), **kw}
     for pair in SWEEPS[a.sweep]:
         procs = []
         for core, arm in enumerate(pair):
-            done = folder(arm)/'result.json'
+            done = folder(pair, arm)/'result.json'
             if done.is_file(): procs.append((done, None)); continue
             print(f"cpu_budget: {arm} on core {core} for {a.minutes:g} min", flush=True)
-            procs.append((done, launch(spec(arm), core)))
+            procs.append((done, launch(spec(pair, arm), core)))
         rows = []
         for done, proc in procs:
             if proc is not None:
@@ -167,7 +169,8 @@ def main(argv=None)->int:
         pairs.append(rows)
     text, csv_rows = table(pairs, a.minutes, describe_machine('cpu'))
     if a.compile_check:   # eager beside compiled, same setting, same time, one core each
-        procs = [launch(spec('K=8 fp32', compile=c, probe_only=True, runs=str(runs/f'compile-{c}')), core) for core, c in enumerate((False, True))]
+        procs = [launch(spec(('K=8 fp32', 'K=8 fp32'), 'K=8 fp32', compile=c, probe_only=True, runs=str(runs/f'compile-{c}')), core)
+                 for core, c in enumerate((False, True))]
         eager, comp = (json.loads(pr.communicate()[0].strip().splitlines()[-1]) for pr in procs)
         text += (f"\n`--compile` on this CPU (K = 8, fp32, {a.probe_steps} steps, beside the same run without it): eager "
                  f"{eager['probe_pairs_per_s']:.1f} pairs/s, {eager['probe_s']:.0f} s in all; compiled {comp['probe_pairs_per_s']:.1f} "
