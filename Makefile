@@ -4,8 +4,9 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 SCALE  ?= smoke
 DATA   ?=
+QUARTO ?= quarto
 
-.PHONY: install browser reproduce test export readme gpu-stage
+.PHONY: install browser reproduce test export readme docs gpu-stage
 
 install: $(VENV)/.installed
 
@@ -29,6 +30,10 @@ reproduce: install  ## SCALE=smoke|mini|gpu|paper
 
 test: install  ## every notebook and tests/: about 17 minutes on 2 idle CPU cores (AMD EPYC)
 	$(PY) tests/run_all.py
+
+docs:  ## the documentation site into _docs/ (nbdev's docs pass into _proc/, then Quarto; both git-ignored), or one line saying what to install
+	@if command -v $(QUARTO) >/dev/null; then $(MAKE) -s --no-print-directory install && $(PY) scripts/docs.py --quarto "$(QUARTO)"; \
+	else echo "make docs: install Quarto (https://quarto.org/docs/get-started/) to render the site: '$(QUARTO)' is not on PATH"; fi
 
 export: install
 	$(VENV)/bin/nbdev_export && $(VENV)/bin/nbdev_clean
