@@ -28,7 +28,7 @@ browser:  ## Debian's headless Chromium and its driver, for the browser test of 
 reproduce: install  ## SCALE=smoke|mini|gpu|paper
 	$(VENV)/bin/las-reproduce --scale $(SCALE) $(if $(DATA),--data $(DATA),)
 
-test: install  ## every notebook and tests/: about 17 minutes on 2 idle CPU cores (AMD EPYC)
+test: install  ## every notebook and tests/: about 20 minutes on 2 idle CPU cores (19.4 min on an AMD EPYC with AVX2 only)
 	$(PY) tests/run_all.py
 
 docs:  ## the documentation site into _docs/ (nbdev's docs pass into _proc/, then Quarto; both git-ignored), or one line saying what to install

@@ -26,7 +26,8 @@ ARMS = {'model4': {}, 'model4, query flips': dict(flip='query'), 'shared': dict(
         **{f'K={k} {p}': dict(queries_per_scene=k, precision=p)
            for k, p in [(1, 'fp32'), (4, 'fp32'), (8, 'fp32'), (16, 'fp32'), (8, 'bf16'), (32, 'fp32')]}}
 # pairs run side by side; the effect is first - second. bf16 once only: without native bf16 it is emulated and slow
-SWEEPS = {'recipe': [('model4, query flips', 'model4'), ('shared', 'model4'), ('model4, lr 4e-3', 'model4, lr 1e-3')],
+SWEEPS = {'recipe': [('model4, query flips', 'model4'), ('shared', 'model4'), ('model4, lr 4e-3', 'model4, lr 1e-3'),
+                     ('model4, lr 1e-3', 'model4')],
           'augment': [('model3', 'model2')],
           'k': [('K=1 fp32', 'K=4 fp32'), ('K=8 fp32', 'K=16 fp32'), ('K=8 bf16', 'K=32 fp32')]}
 

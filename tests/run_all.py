@@ -1,5 +1,5 @@
 """Run every test: the notebooks as `nbdev_test` runs them (its own `test_nb`, one result per notebook), then pytest on
-tests/ (counts read from its JUnit XML report); end with one `N passed, N failed` line. About 17 minutes on 2 idle AMD EPYC cores.
+tests/ (counts read from its JUnit XML report); end with one `N passed, N failed` line. About 20 minutes on 2 idle cores (19.4 min on an AMD EPYC with AVX2 only).
 Everything the tests write to the temp folder goes to one scratch folder of this run (the checkpoints of the training tests
 are hundreds of MB each): its size is reported, and it is removed when every test passed (kept for inspection otherwise)."""
 import os, shutil, subprocess, sys, tempfile, time
