@@ -28,7 +28,7 @@ ARMS = {'model4': {}, 'model4, query flips': dict(flip='query'), 'shared': dict(
 # pairs run side by side; the effect is first - second. bf16 once only: without native bf16 it is emulated and slow
 SWEEPS = {'recipe': [('model4, query flips', 'model4'), ('shared', 'model4'), ('model4, lr 4e-3', 'model4, lr 1e-3'),
                      ('model4, lr 1e-3', 'model4')],
-          'augment': [('model3', 'model2')],
+          'augment': [('model3', 'model2'), ('model3', 'model4')],   # blur + interpolation; then the projection heads
           'k': [('K=1 fp32', 'K=4 fp32'), ('K=8 fp32', 'K=16 fp32'), ('K=8 bf16', 'K=32 fp32')]}
 
 
