@@ -120,9 +120,9 @@ def bench_end_to_end(data:str, image_size:int=256, batch_size:int=16, steps:int=
         res = train(cfg, progress=False)
         wall = time.perf_counter() - t
         lines = [json.loads(l) for l in Path(tmp, 'run', 'metrics.jsonl').read_text().splitlines()]
+    ran = resolved_config(cfg, dev)   # the preset's branches and the precision the run trained in
     return dict(input='cache' if cache else f'DataLoader, {workers} workers', image_size=image_size, query_size=query_size,
-                batch_size=batch_size, queries_per_scene=queries_per_scene, amp=resolved_config(cfg, dev).precision,
-                preset=preset, branches=resolved_config(cfg, dev).branches,
+                batch_size=batch_size, queries_per_scene=queries_per_scene, amp=ran.precision, preset=preset, branches=ran.branches,
                 steps=res['step'], images=res['images'],
                 pairs_per_s=metrics_pairs_per_s(lines, batch_size, skip, queries_per_scene),
                 wall_s=wall, cache_s=cache_s, peak_mib=peak_memory_mib(dev), device=describe_machine(dev),
