@@ -11,7 +11,7 @@ from .utils import atomic_path, atomic_write
 
 # %% auto #0
 __all__ = ['CHECKPOINT_VERSION', 'save_checkpoint', 'CheckpointNotFoundError', 'read_torch_file', 'load_checkpoint',
-           'periodic_checkpoints', 'prune_checkpoints', 'truncate_metrics']
+           'periodic_checkpoints', 'prune_checkpoints', 'truncate_metrics', 'nonfinite_tensors']
 
 # %% ../nbs/04a_checkpoint.ipynb #16fbe4d6
 CHECKPOINT_VERSION = 1   # layout of the dict written by `save_checkpoint`; bump when a key changes meaning
@@ -104,3 +104,8 @@ def truncate_metrics(path, step:int)->int:
         if isinstance(rec, dict) and rec.get('step', math.inf) <= step: kept.append(line)
     atomic_write(path, ''.join(l + '\n' for l in kept))
     return len(kept)
+
+# %% ../nbs/04a_checkpoint.ipynb #dcede8cc
+def nonfinite_tensors(state:dict)->list:   # names of the floating-point tensors holding a NaN or an infinity
+    "The entries of a state dict that a diverged run left non-finite"
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]

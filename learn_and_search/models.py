@@ -12,7 +12,7 @@ from torch import Tensor
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from .augment import PRESETS, PRESET_NAMES, BRANCHES
-from .checkpoint import load_checkpoint, read_torch_file
+from .checkpoint import load_checkpoint, nonfinite_tensors, read_torch_file
 
 # %% auto #0
 __all__ = ['LEVELS', 'ARCHS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'PROJECTION_HEAD_PRESETS', 'MODEL_CONFIG_KEYS', 'check_arch',
@@ -211,7 +211,7 @@ def load_model(checkpoint_path:str|Path,  # a checkpoint dict with 'model' (stat
         raise ValueError(f"checkpoint {str(path)!r} names unknown preset {cfg['preset']!r}; known presets: {', '.join(PRESET_NAMES)}")
     model = create_model(**_model_kwargs(cfg))
     state = {k.replace('_orig_mod.', '').removeprefix('module.'): v for k, v in ckpt['model'].items()}  # compile / DDP
-    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = nonfinite_tensors(state)
     if bad: raise ValueError(f"checkpoint {str(path)!r} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): a diverged run")
     try: model.load_state_dict(state)
     except RuntimeError as e: raise ValueError(f"checkpoint {str(path)!r} does not match its config: {str(e)[:300]}") from e

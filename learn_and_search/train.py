@@ -13,7 +13,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from .utils import resolve_device, resolve_precision, run_cli, script_entry
-from .checkpoint import save_checkpoint, prune_checkpoints, truncate_metrics
+from .checkpoint import nonfinite_tensors, save_checkpoint, prune_checkpoints, truncate_metrics
 from .distributed import CachedScenes, LoaderScenes, init_distributed, mean_across_ranks
 from .models import LEVELS as ALL_LEVELS
 from . import data as _data
@@ -227,7 +227,7 @@ def _snapshot(s:RunState):
 def _save(s:RunState):
     "Checkpoint `s` to last.pt (resumable), every `checkpoint_every` steps also its weights, prune old ones, update config.json"
     c, f = s.config, s.folder
-    bad = [k for k, v in s.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = nonfinite_tensors(s.model.state_dict())
     if bad:   # the step's own checks should have stopped it: never let a non-finite checkpoint replace a good one
         raise TrainingDiverged(f"{len(bad)} weight tensors (e.g. {bad[0]}) are non-finite at step {s.step}: training diverged; "
                                f"the last good checkpoint is {f.last if f.last.exists() else 'none (no step was saved)'}")
