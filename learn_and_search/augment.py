@@ -45,8 +45,9 @@ _m2 = replace(_m1, name='model2', color_jitter=JITTER)
 _m3 = replace(_m2, name='model3', blur=BLUR_SIGMA, random_interpolation=True)
 _m4 = replace(_m3, name='model4', projection_head=True)   # model3's augmentations with projection heads
 _rb = replace(_m4, name='robust', rotation=25., scale_jitter=(0.8, 1.2))
-PRESETS = {p.name: p for p in (_m1, _m2, _m3, _m4, _rb, replace(_m4, name='shared', branches='shared'),
-                               replace(_rb, name='shared-robust', branches='shared'))}
+_shared = dict(branches='shared', projection_head=False)   # heads cost the shared network SGA (see above)
+PRESETS = {p.name: p for p in (_m1, _m2, _m3, _m4, _rb, replace(_m4, name='shared', **_shared),
+                               replace(_rb, name='shared-robust', **_shared))}
 PRESET_NAMES = tuple(PRESETS)   # the one list of model names, in grid order (models, reproduce)
 
 def get_preset(name:str|Preset)->Preset:

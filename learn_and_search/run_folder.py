@@ -30,10 +30,11 @@ def _same_data(a:str, b:str)->bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 def _legacy_fields(saved:dict)->dict:
-    "What a checkpoint written before `queries_per_scene`, `precision`, `branches` and `flip` existed trained with"
+    "What a checkpoint written before `queries_per_scene`, `precision`, `branches`, `flip` and `projection_head` existed trained with"
     dev = str(saved.get('device', 'cpu'))   # such runs autocast to bf16 on CUDA only
     cuda = dev.startswith('cuda') or (dev == 'auto' and torch.cuda.is_available())
-    return dict(queries_per_scene=1, precision='bf16' if cuda else 'fp32', branches='separate', flip='query')
+    heads = saved.get('preset') in ('model4', 'robust', 'shared', 'shared-robust')   # the presets that had heads then
+    return dict(queries_per_scene=1, precision='bf16' if cuda else 'fp32', branches='separate', flip='query', projection_head=heads)
 
 def _check_resumable(config:TrainConfig, saved:dict, path):
     "Raise ValueError naming the fields that differ from the checkpoint's config"

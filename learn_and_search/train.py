@@ -187,7 +187,7 @@ def _build(config:TrainConfig, device, total_steps:int, fresh:bool=True)->tuple:
     torch.manual_seed(config.seed)
     model = create_model(config.preset, arch=config.arch, dim=config.dim, weights=weights,
                          levels=tuple(config.levels), image_size=config.image_size, query_size=config.query_size,
-                         branches=config.branches).to(device)
+                         branches=config.branches, projection_head=config.projection_head).to(device)
     model = model.to(memory_format=torch.channels_last)   # NHWC: what cuDNN and oneDNN convolutions prefer
     augment = QueryAugment(get_preset(config.preset), config.query_size, flip=config.flip).to(device)
     loss_fn = AntXentLoss(temperature=config.temperature, anchor_negatives=config.anchor_negatives,
@@ -317,14 +317,15 @@ def _open_logs(s:RunState, fresh:bool):
     truncate_metrics(s.folder.out/'metrics.jsonl', s.step)
 
 def resolved_config(config:TrainConfig, device)->TrainConfig:
-    "`config` with its preset's `branches` and `flip` and its `precision` made explicit: config.json names what ran"
+    "`config` with its preset's `branches`, `flip` and heads and its `precision` made explicit: config.json names what ran"
     from learn_and_search.augment import get_preset
     p, precision = get_preset(config.preset), config.precision
     branches, flip = config.branches or p.branches, config.flip or p.flip
     # the shared network under CPU bf16 autocast reached loss NaN within 25 steps in the reference loop (2 threads, AMD
     # EPYC with AVX512-BF16) where fp32 trained normally: `auto` keeps it in fp32 on CPUs; bf16 stays available by name
     if precision == 'auto' and branches == 'shared' and torch.device(device).type == 'cpu': precision = 'fp32'
-    return replace(config, branches=branches, flip=flip, precision=resolve_precision(precision, device))
+    head = p.projection_head if config.projection_head is None else config.projection_head
+    return replace(config, branches=branches, flip=flip, projection_head=head, precision=resolve_precision(precision, device))
 
 def steps_for_minutes(config:TrainConfig, scenes, device, probe:int=3)->int:
     "Steps that fill `config.minutes` of wall clock, timed on `probe` throwaway steps of the run's own model and scenes"

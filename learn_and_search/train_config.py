@@ -34,6 +34,7 @@ class TrainConfig:
     preset: str = 'model1'          # training recipe (`augment.PRESETS`): model1..model4, robust, shared, shared-robust
     branches: str|None = None       # 'separate' (the paper's two networks) or 'shared' (one network); None = the preset's
     flip: str|None = None           # what the preset's flips mirror: 'image' (scene + queries) or 'query'; None = the preset's
+    projection_head: bool|None = None # MLP projection heads on the model; None = the preset's
     arch: str = 'resnet18'          # ResNet backbone of both branches
     dim: int = 256                  # embedding size
     weights: str|None = None        # None (random init), 'imagenet' or a state_dict path
@@ -96,6 +97,8 @@ class TrainConfig:
         _chapter_check('arch', self.arch, check_arch)
         _chapter_check('preset', self.preset, get_preset)
         _check(self.branches is None or self.branches in BRANCHES, 'branches', self.branches, f"must be one of {', '.join(BRANCHES)} or None")
+        _check(self.projection_head is None or isinstance(self.projection_head, bool), 'projection_head', self.projection_head,
+               'must be true, false or None (the preset\'s)')
         _check(self.flip is None or self.flip in FLIPS, 'flip', self.flip, f"must be one of {', '.join(FLIPS)} or None")
         _check(isinstance(self.data, str) and (self.data == 'synthetic' or Path(self.data).expanduser().exists()), 'data', self.data,
                "no such folder (give a folder of images, a COCO root, or 'synthetic')")
@@ -122,11 +125,16 @@ class TrainConfig:
 # %% ../nbs/04b_train_config.ipynb #2cd89a51
 def _opt_int(s:str): return None if str(s).lower() in ('none', 'null', '') else int(s)
 def _opt_str(s:str): return None if str(s).lower() in ('none', 'null', '') else s
+def _opt_bool(s:str):
+    v = str(s).lower()
+    if v in ('none', 'null', ''): return None
+    if v in ('true', 'yes', '1', 'false', 'no', '0'): return v in ('true', 'yes', '1')
+    raise ValueError(s)   # argparse names the flag and the value
 
 _FLAG_TYPES = dict(dim=int, epochs=int, steps=_opt_int, batch_size=int, queries_per_scene=int, image_size=int, query_size=int, lr=float,
                    weight_decay=float, warmup_steps=_opt_int, temperature=float, anchor_negatives=_opt_int, seed=int,
                    checkpoint_every=int, keep_checkpoints=int, snapshot_every=_opt_int, log_every=int, workers=int, limit_images=_opt_int,
-                   weights=_opt_str, cache_dir=_opt_str, branches=_opt_str, flip=_opt_str,
+                   weights=_opt_str, cache_dir=_opt_str, branches=_opt_str, flip=_opt_str, projection_head=_opt_bool,
                    minutes=lambda s: None if str(s).lower() in ('none', 'null', '') else float(s))
 
 def _field_help()->dict:

@@ -22,13 +22,15 @@ COMMON = dict(preset='model4', arch='resnet18', dim=128, image_size=128, query_s
 # arm name -> the TrainConfig fields it changes from COMMON (today's recipe: model4, its flips of the training image)
 ARMS = {'model4': {}, 'model4, query flips': dict(flip='query'), 'shared': dict(preset='shared'),
         'model4, lr 1e-3': dict(lr=1e-3), 'model4, lr 4e-3': dict(lr=4e-3), 'model3': dict(preset='model3'),
-        'model2': dict(preset='model2'),
+        'model2': dict(preset='model2'), 'shared, lr 1e-3': dict(preset='shared', lr=1e-3),
+        'shared, no heads, lr 1e-3': dict(preset='shared', projection_head=False, lr=1e-3),
         **{f'K={k} {p}': dict(queries_per_scene=k, precision=p)
            for k, p in [(1, 'fp32'), (4, 'fp32'), (8, 'fp32'), (16, 'fp32'), (8, 'bf16'), (32, 'fp32')]}}
 # pairs run side by side; the effect is first - second. bf16 once only: without native bf16 it is emulated and slow
 SWEEPS = {'recipe': [('model4, query flips', 'model4'), ('shared', 'model4'), ('model4, lr 4e-3', 'model4, lr 1e-3'),
                      ('model4, lr 1e-3', 'model4')],
           'augment': [('model3', 'model2'), ('model3', 'model4')],   # blur + interpolation; then the projection heads
+          'shared': [('shared, no heads, lr 1e-3', 'shared, lr 1e-3')],   # the heads on the weight-shared network
           'k': [('K=1 fp32', 'K=4 fp32'), ('K=8 fp32', 'K=16 fp32'), ('K=8 bf16', 'K=32 fp32')]}
 
 
