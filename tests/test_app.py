@@ -21,12 +21,12 @@ pytestmark = [pytest.mark.browser,
 @pytest.fixture(scope='module')
 def served():
     "The page over a tiny synthetic index, on a free loopback port"
-    from learn_and_search.app import LookupApp, serve_in_thread
-    from learn_and_search.data import open_images
-    from learn_and_search.models import random_init_model
-    from learn_and_search.search import SearchIndex
+    from learn_and_search.app.server import LookupApp, serve_in_thread
+    from learn_and_search.data.images import open_images
+    from learn_and_search.learn.models import random_init_model
+    from learn_and_search.search.index import SearchIndex
     if os.environ.get('LAS_APP_CHECKPOINT'):   # the README's screenshot: a trained model over real photos
-        from learn_and_search.app import _index_for_images
+        from learn_and_search.app.server import _index_for_images
         index = _index_for_images(os.environ['LAS_APP_CHECKPOINT'], os.environ['LAS_APP_IMAGES'],
                                   os.environ.get('LAS_APP_SPLIT', 'val2017'), 'cpu', progress=False)
     else:
