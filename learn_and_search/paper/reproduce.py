@@ -5,7 +5,7 @@
 # %% ../../nbs/6_paper/08_reproduce.ipynb #8881dcda
 from __future__ import annotations
 import argparse, json, os, sys, time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from ..utils import RunLock, atomic_write, atomic_write_json, resolve_device, run_cli, script_entry
 from ..learn.augment import PRESET_NAMES
@@ -13,21 +13,47 @@ from .runner import RUNNERS, Step, StepFailed, format_parameters, run_grid
 from .archive import pack_run, unpack_run
 
 # %% auto #0
-__all__ = ['MINI_PAIRS', 'MINI_K', 'SCALES', 'STANDALONE_TRAIN', 'check_scale', 'model_steps', 'snapshot_every', 'resolve_data',
-           'paper_notebooks', 'command_line', 'GridSpec', 'build_grid', 'train_model', 'evaluate_step', 'figures_step',
-           'write_figures_index', 'main']
+__all__ = ['MINI_PAIRS', 'MINI_K', 'SCALES', 'STANDALONE_TRAIN', 'Scale', 'check_scale', 'model_steps', 'snapshot_every',
+           'resolve_data', 'paper_notebooks', 'command_line', 'GridSpec', 'build_grid', 'train_model', 'evaluate_step',
+           'figures_step', 'write_figures_index', 'main']
 
-# %% ../../nbs/6_paper/08_reproduce.ipynb #f760b4a4
+# %% ../../nbs/6_paper/08_reproduce.ipynb #d0944771
+@dataclass(frozen=True)
+class Scale:
+    "One size of a whole reproduction: the data, the geometry and length of training, the targets, the figures"
+    about:str                  # one line for figures/README.md
+    device:str                 # 'cpu', 'cuda' or 'auto'
+    train:dict                 # `TrainConfig` fields of every train step (data None: `resolve_data`)
+    evaluate:dict              # settings of every evaluation step (data None: `resolve_data`)
+    figures:dict               # n_examples, n_queries and k of the figures
+    seed:int = 0
+    committed:bool = False     # figures/<scale> is committed and linked from figures/README.md
+    pairs:int|None = None      # the training budget in query pairs, shared among the models by `share`
+    share:dict|None = None     # preset -> its fraction of `pairs` (they sum to 1); None: every preset, `train['steps']` each
+    curve:dict|None = None     # `models` and `points` of the SGA-against-pairs curve
+    targets:dict|None = None   # what the scale's README states as met or missed (`paper.targets`)
+
+    def __post_init__(self):
+        if (self.pairs is None) != (self.share is None): raise ValueError(f"Scale({self.about[:30]!r}...): give both pairs and share, or neither")
+        if self.share is not None and (set(self.share) - set(PRESET_NAMES) or abs(sum(self.share.values()) - 1) > 1e-6):
+            raise ValueError(f"Scale share must name presets ({', '.join(PRESET_NAMES)}) and sum to 1, got {self.share}")
+
+    @property
+    def models(self)->tuple:
+        "The presets its grid trains, in grid order: those with a share of the budget, else every preset"
+        return tuple(p for p in PRESET_NAMES if self.share is None or p in self.share)
+
+# %% ../../nbs/6_paper/08_reproduce.ipynb #f699e060
 MINI_PAIRS, MINI_K = 360_000, 16  # the mini budget in query pairs and queries per scene: see the table in figures/mini
 _GEOMETRY_128 = dict(split='train2017', arch='resnet18', dim=128, image_size=128, query_size=32, epochs=1, lr=1e-3,
                      limit_images=None, cache=True)
 SCALES = {
-    'smoke': dict(
+    'smoke': Scale(
         about='embedded synthetic scenes, a few minutes on 2 CPU cores', device='cpu', seed=0, committed=False,
         train=dict(_GEOMETRY_128, data='synthetic', steps=20, batch_size=8, workers=0),
         evaluate=dict(data='synthetic', split='val2017', queries='both', baselines=True, max_images=None),
         figures=dict(n_examples=3, n_queries=4, k=10)),
-    'mini': dict(
+    'mini': Scale(
         about='unlabeled photos for training, COCO val2017 + train2017 (a subset) for evaluation, about 65 minutes on 2 CPU '
               'cores (AMD EPYC with AVX2 only, fp32; a fixed number of pairs, so slower cores take longer)',
         device='auto', seed=0, committed=True,
@@ -40,7 +66,7 @@ SCALES = {
                    lr=1e-3, workers=2),   # 1e-3 beat 2e-3 by +0.078 [0.044, 0.109] (figures/mini/cpu_budget_recipe)
         evaluate=dict(data=None, split='val2017,train2017', queries='both', baselines=True, max_images=None),
         figures=dict(n_examples=4, n_queries=6, k=10)),
-    'gpu': dict(
+    'gpu': Scale(
         about='the paper grid on one GPU in under 9 minutes: coco-unlabeled-256 (or COCO train2017) for training, '
               'coco-mini-320 for evaluation', device='cuda', seed=0, committed=True,
         pairs=1_000_000, share=dict(model1=0.06, model2=0.06, model3=0.06, model4=0.25, robust=0.12, shared=0.30,
@@ -53,7 +79,7 @@ SCALES = {
                    limit_images=None, cache=True),
         evaluate=dict(data=None, split='val2017,train2017', queries='both', baselines=True, max_images=None),
         figures=dict(n_examples=6, n_queries=8, k=10)),
-    'paper': dict(
+    'paper': Scale(
         about='full COCO 2017 (train2017 without labels, val2017 for evaluation) on a GPU', device='auto', seed=0,
         committed=True,
         train=dict(data=None, split='train2017', arch='resnet18', dim=256, image_size=256, query_size=64,
@@ -62,6 +88,7 @@ SCALES = {
         figures=dict(n_examples=6, n_queries=8, k=10)),
 }
 
+# %% ../../nbs/6_paper/08_reproduce.ipynb #a3eccd55
 def check_scale(scale:str)->str:
     "`scale` if it names one of `SCALES`, else a ValueError listing them"
     if scale not in SCALES: raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
@@ -70,26 +97,24 @@ def check_scale(scale:str)->str:
 def model_steps(scale:str, model:str, pairs:int|None=None, tiny:bool=False)->int|None:
     "Optimiser steps of `model` at `scale`: its share of the scale's `pairs` budget (or `pairs`) in query pairs, else the scale's fixed steps"
     s = SCALES[check_scale(scale)]
+    if model not in s.models: raise ValueError(f"scale {scale!r} trains {', '.join(s.models)}, not {model!r}: give it a share of SCALES[{scale!r}].share")
     if tiny: return 2
-    if 'share' not in s: return s['train']['steps']
-    total = s['pairs'] if pairs is None else pairs
+    if s.share is None: return s.train['steps']
+    total = s.pairs if pairs is None else pairs
     if total < 1: raise ValueError(f"pairs must be >= 1, got {total}")
-    per_step = s['train']['batch_size'] * s['train'].get('queries_per_scene', 1)   # query pairs a step
-    return max(1, round(total * s['share'][model] / per_step))
+    per_step = s.train['batch_size'] * s.train.get('queries_per_scene', 1)   # query pairs a step
+    return max(1, round(total * s.share[model] / per_step))
 
 def snapshot_every(scale:str, model:str, steps:int)->int|None:
     "Steps between the weights-only snapshots of `model` that the SGA-against-pairs curve evaluates (None: no curve)"
-    curve = SCALES[check_scale(scale)].get('curve')
+    curve = SCALES[check_scale(scale)].curve
     if not curve or model not in curve['models']: return None
     return max(1, -(-steps // curve['points']))   # ceil: `points` snapshots, the last at the final step
 
-def _tiny(settings:dict)->dict:
-    "`settings` shrunk to seconds of CPU (the hidden `--tiny` flag, for tests)"
-    s = json.loads(json.dumps(settings))
-    s['train'].update(image_size=64, query_size=32, steps=2, batch_size=4, limit_images=8, workers=0, cache=False)
-    s['evaluate'].update(max_images=8)
-    s['figures'].update(n_examples=1, n_queries=1, k=5)
-    return s
+def _tiny(s:Scale)->Scale:
+    "`s` shrunk to seconds of CPU (the hidden `--tiny` flag, for tests)"
+    return replace(s, train={**s.train, **dict(image_size=64, query_size=32, steps=2, batch_size=4, limit_images=8, workers=0, cache=False)},
+                   evaluate={**s.evaluate, 'max_images': 8}, figures={**s.figures, **dict(n_examples=1, n_queries=1, k=5)})
 
 # %% ../../nbs/6_paper/08_reproduce.ipynb #0b5d3dfc
 def _repo_root()->Path:
@@ -137,9 +162,9 @@ def paper_notebooks()->Path:
 
 _FN = 'learn_and_search.paper.reproduce:'
 
-def command_line(scale:str, models=PRESET_NAMES, pairs:int|None=None)->str:
+def command_line(scale:str, models=None, pairs:int|None=None)->str:
     "The `las-reproduce` command that runs `scale` for `models` with `pairs`, as a README names it"
-    return ' '.join(['las-reproduce', '--scale', scale, *(['--models', ','.join(models)] if list(models) != list(PRESET_NAMES) else []),
+    return ' '.join(['las-reproduce', '--scale', scale, *(['--models', ','.join(models)] if models is not None and tuple(models) != SCALES[scale].models else []),
                      *(['--pairs', str(pairs)] if pairs else [])])
 
 # %% ../../nbs/6_paper/08_reproduce.ipynb #e4b53c85
@@ -147,7 +172,7 @@ def command_line(scale:str, models=PRESET_NAMES, pairs:int|None=None)->str:
 class GridSpec:
     "What one `las-reproduce` command runs: a scale and its models, on which data and device, written where"
     scale:str = 'smoke'              # one of `SCALES`
-    models:tuple = PRESET_NAMES      # a non-empty subset of `PRESET_NAMES`, in grid order
+    models:tuple|None = None         # a non-empty subset of the scale's `Scale.models`, in grid order; None: all of them
     data:str|None = None             # evaluation data; None: the scale's (`resolve_data`)
     train_data:str|None = None       # training data; None: the scale's (`resolve_data`)
     device:str|None = None           # None: the scale's
@@ -160,10 +185,11 @@ class GridSpec:
     train_extra:dict|None = None     # further `TrainConfig` fields of every train step
 
     def __post_init__(self):
-        check_scale(self.scale)
-        bad = [m for m in self.models if m not in PRESET_NAMES]
+        grid = SCALES[check_scale(self.scale)].models
+        if self.models is None: self.models = grid
+        bad = [m for m in self.models if m not in grid]
         if bad or not self.models:
-            raise ValueError(f"models must be a non-empty subset of {', '.join(PRESET_NAMES)}, got {list(self.models)}")
+            raise ValueError(f"models must be a non-empty subset of {', '.join(grid)} (the {self.scale} grid), got {list(self.models)}")
 
     @property
     def run_dir(self)->Path: return Path(self.runs)/self.scale         # records, logs, checkpoints, metrics
@@ -178,8 +204,8 @@ def build_grid(spec:GridSpec)->list:
     s = _tiny(SCALES[scale]) if spec.tiny else SCALES[scale]
     train_data, data = resolve_data(scale, spec.data, spec.train_data)
     nbs, run_dir = Path(spec.notebooks or paper_notebooks()), spec.run_dir
-    common = dict(seed=s['seed'] if spec.seed is None else spec.seed, device=spec.device or s['device'])
-    geometry = dict(image_size=s['train']['image_size'], query_size=s['train']['query_size'])
+    common = dict(seed=s.seed if spec.seed is None else spec.seed, device=spec.device or s.device)
+    geometry = dict(image_size=s.train['image_size'], query_size=s.train['query_size'])
     steps = []
     for i, m in enumerate(models):
         tr_out, ev_out = run_dir/'train'/m, run_dir/'eval'/m
@@ -187,14 +213,14 @@ def build_grid(spec:GridSpec)->list:
         n_steps = model_steps(scale, m, pairs, spec.tiny)
         every = snapshot_every(scale, m, n_steps)
         steps.append(Step(f'train-{m}', nbs/'train.ipynb',
-                          {**s['train'], 'data': train_data, 'preset': m, 'steps': n_steps,
+                          {**s.train, 'data': train_data, 'preset': m, 'steps': n_steps,
                            **({'snapshot_every': every} if every else {}), **(spec.train_extra or {}), **common, 'out': str(tr_out)},
                           [ckpt, str(tr_out/'metrics.jsonl'), str(tr_out/'config.json')], function=_FN + 'train_model',
                           resumable=True))   # interrupted (Ctrl-C, SIGTERM, a lost machine): the rerun resumes last.pt
         steps.append(Step(f'evaluate-{m}', nbs/'evaluate.ipynb',
-                          {'checkpoint': ckpt, **s['evaluate'], 'baselines': s['evaluate']['baselines'] and i == 0,
-                           'data': data, **geometry, 'n_examples': s['figures']['n_examples'],
-                           'n_queries': s['figures']['n_queries'], 'k': s['figures']['k'], **({'curve': True} if every else {}),
+                          {'checkpoint': ckpt, **s.evaluate, 'baselines': s.evaluate['baselines'] and i == 0,
+                           'data': data, **geometry, 'n_examples': s.figures['n_examples'],
+                           'n_queries': s.figures['n_queries'], 'k': s.figures['k'], **({'curve': True} if every else {}),
                            'shared_cache': str(run_dir/'twin_tallies'),
                            **common, 'out': str(ev_out)},
                           [str(ev_out/'metrics.json'), str(ev_out/'heatmaps.npz'), *([str(ev_out/'curve.json')] if every else [])],
@@ -202,7 +228,7 @@ def build_grid(spec:GridSpec)->list:
                           function=_FN + 'evaluate_step'))
     fig_out = spec.figures_dir
     steps.append(Step('figures', nbs/'figures.ipynb', {'runs': str(run_dir), 'models': list(models), 'grid': scale,
-                      'data': data, 'split': s['evaluate']['split'], **geometry, 'k': s['figures']['k'],
+                      'data': data, 'split': s.evaluate['split'], **geometry, 'k': s.figures['k'],
                       'seed': common['seed'], 'command': command_line(scale, models, pairs), 'out': str(fig_out)},
                       [str(fig_out/'README.md')], [st.name for st in steps], function=_FN + 'figures_step'))
     return steps
@@ -275,10 +301,10 @@ def figures_step(runs=None, models=('model1',), grid='standalone', data='synthet
                           out=str(runs/'eval'/m))
     run = F.read_run(runs, models)
     scale = SCALES.get(grid)
-    about = scale['about'] if scale else 'a standalone run of nbs/paper/figures.ipynb'
+    about = scale.about if scale else 'a standalone run of nbs/paper/figures.ipynb'
     command = f'`{command}`' if command else f"`las-reproduce --scale {grid}`" if scale else '`nbs/paper/figures.ipynb` with its defaults'
     return F.render_run(run, out, grid, about, command, data, split, seed, k, paper_scale=grid == "paper",
-                        targets=scale.get('targets') if scale else None)
+                        targets=scale.targets if scale else None)
 
 # %% ../../nbs/6_paper/08_reproduce.ipynb #97860e81
 def write_figures_index(figures)->Path:
@@ -288,8 +314,8 @@ def write_figures_index(figures)->Path:
              'the results with the paper), plus hand-made records of earlier runs.', '']
     for sub in sorted(p for p in figures.iterdir() if (p/'README.md').exists()):
         if sub.name in SCALES:
-            if SCALES[sub.name]['committed']:
-                lines.append(f"- [{sub.name}]({sub.name}/README.md) — `las-reproduce --scale {sub.name}`: {SCALES[sub.name]['about']}")
+            if SCALES[sub.name].committed:
+                lines.append(f"- [{sub.name}]({sub.name}/README.md) — `las-reproduce --scale {sub.name}`: {SCALES[sub.name].about}")
         else:
             head = next((l.lstrip('# ').strip() for l in (sub/'README.md').read_text().splitlines() if l.startswith('#')), sub.name)
             lines.append(f"- [{sub.name}]({sub.name}/README.md) — {head} (hand-made; no command regenerates it)")
@@ -306,7 +332,7 @@ def _parser()->argparse.ArgumentParser:
     p.add_argument('--scale', choices=list(SCALES), default='smoke', help='size of the run (default: smoke)')
     p.add_argument('--data', help="evaluation data: 'synthetic' or a COCO root with val2017 (default: per scale, COCO_ROOT)")
     p.add_argument('--train-data', help="training images: 'synthetic', a folder of images or a COCO root (default: per scale)")
-    p.add_argument('--models', default=','.join(PRESET_NAMES), help=f"comma-separated subset of {', '.join(PRESET_NAMES)}")
+    p.add_argument('--models', help=f"comma-separated subset of {', '.join(PRESET_NAMES)} (default: the scale's grid)")
     p.add_argument('--pairs', type=int, help="training pairs shared among the models (scales with a budget: gpu)")
     p.add_argument('--device', help="'cpu', 'cuda', 'cuda:1' or 'auto' (default: per scale)")
     p.add_argument('--seed', type=int, help='seed of every step (default: 0)')
@@ -341,7 +367,7 @@ def _main(argv=None)->int:
         try: resolve_device(a.device)   # checked here, not in the first notebook a minute later
         except ValueError as e: p.error(f"--device: {e}")
     try:
-        spec = GridSpec(a.scale, [m.strip() for m in a.models.split(',') if m.strip()], a.data, a.train_data, a.device,
+        spec = GridSpec(a.scale, None if a.models is None else [m.strip() for m in a.models.split(',') if m.strip()], a.data, a.train_data, a.device,
                         a.seed, a.runs, a.figures, a.notebooks, a.tiny, a.pairs)
         steps = build_grid(spec)
     except (ValueError, FileNotFoundError) as e: p.error(str(e))
