@@ -5,7 +5,6 @@
 # %% ../../nbs/6_paper/02_tables.ipynb #5caeef98
 from __future__ import annotations
 import json
-from functools import cache
 from pathlib import Path
 import pandas as pd
 from ..evaluate.tables import (
@@ -14,30 +13,8 @@ from ..learn.models import LEVELS
 from ..utils import atomic_write, frame_markdown
 
 # %% auto #0
-__all__ = ['COLUMNS', 'example_metrics', 'sga_table', 'with_intervals', 'retrieval_table', 'category_table', 'per_category_table',
-           'read_log', 'loss_table', 'write_table', 'write_tables']
-
-# %% ../../nbs/6_paper/02_tables.ipynb #pt000001
-@cache
-def _example_json(models:tuple, n_images:int)->str:
-    from learn_and_search.data.images import open_images
-    from learn_and_search.evaluate.run import evaluate
-    from learn_and_search.data.gallery import Gallery
-    from learn_and_search.learn.models import random_init_model
-    val, train = open_images('synthetic', 'val2017'), open_images('synthetic', 'train2017')
-    gallery = Gallery([val, train], exclude_ids=set(train.ids[:2]))
-    out = {}
-    for seed, preset in enumerate(models):
-        model, twin = (random_init_model({'preset': preset}, seed=seed) for _ in range(2))
-        out[preset] = evaluate(model, gallery, image_size=128, max_images=n_images, random_init=twin, batch_size=n_images,
-                               queries_per_image=2, reference=train, n_reference=8, n_boot=100, seed=seed)
-    return json.dumps(out, default=str)
-
-def example_metrics(models:tuple=('model1', 'model4'),  # presets, each evaluated at random init (seeds 0, 1, ...)
-                    n_images:int=8,                    # gallery images
-                   )->dict:                            # model -> metrics, as read back from `metrics.json`
-    "Real `evaluate` output of tiny random-init models on synthetic data, for examples and tests (a fresh copy each call)"
-    return json.loads(_example_json(tuple(models), n_images))
+__all__ = ['COLUMNS', 'sga_table', 'with_intervals', 'retrieval_table', 'category_table', 'per_category_table', 'read_log',
+           'loss_table', 'write_table', 'write_tables']
 
 # %% ../../nbs/6_paper/02_tables.ipynb #03282f06
 COLUMNS = list(LEVELS) + ['all']
