@@ -16,7 +16,7 @@ root = Path(__file__).resolve().parent.parent
 FULL_FLAGS = ('slow',)   # the flags `make test` runs that `make check` (and a plain `nbdev_test`) skips
 
 def run_notebook(fn:Path, skip_flags:set):
-    "nbdev's `test_nb`, timing each cell: (passed, seconds, [(cell number, seconds, first line)])"
+    "nbdev's `test_nb`, timing each cell: (passed, seconds, [(cell number, seconds, first line) of each cell over a second])"
     from fastcore.xtras import working_directory
     from execnb.shell import CaptureShell
     from nbdev.process import NBProcessor
@@ -37,7 +37,7 @@ def run_notebook(fn:Path, skip_flags:set):
         ok = True
     except Exception:
         sys.stderr.write(shell.prettytb(fname=fn) + '\n'); ok = False
-    return ok, time.time() - t0, sorted(times, key=lambda t: -t[1])[:3]
+    return ok, time.time() - t0, sorted((t for t in times if t[1] >= 1), key=lambda t: -t[1])   # the cells over a second
 
 def notebook_results(n_workers:int=2, files=None, fast:bool=False)->list:
     "(notebook, passed, seconds, slowest cells) for every notebook nbdev_test would test"
@@ -80,7 +80,7 @@ def main(argv=None)->int:
     print(f"$ nbdev_test{'' if a.fast else ' --flags ' + ' '.join(FULL_FLAGS)} (every notebook, 2 workers, each cell timed)", flush=True)
     nbs = notebook_results(fast=a.fast)
     for nb, ok, t, cells in sorted(nbs, key=lambda r: -r[2]):
-        print(f"  {'ok  ' if ok else 'FAIL'} {t:6.1f} s  {nb}" + ''.join(f"\n{'':16}cell {i}: {s:5.1f} s  {line}" for i, s, line in cells if s >= 2))
+        print(f"  {'ok  ' if ok else 'FAIL'} {t:6.1f} s  {nb}" + ''.join(f"\n{'':16}cell {i}: {s:5.1f} s  {line}" for i, s, line in cells))
     failed_nbs = [str(nb) for nb, ok, *_ in nbs if not ok]
     py = pytest_counts(('-m', 'not slow and not browser', 'tests') if a.fast else ('tests',))
     passed, failed = len(nbs) - len(failed_nbs) + py['passed'], len(failed_nbs) + py['failed']
