@@ -6,6 +6,7 @@
 from __future__ import annotations
 import argparse, base64, io, json, os, sys, tempfile, threading, time
 from collections import OrderedDict
+from importlib.resources import files
 from pathlib import Path
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -131,114 +132,8 @@ class LookupApp:
                     box=r['box'], score=r['score'], level=r['level'], ms=round(1000 * (time.perf_counter() - t0), 1))
 
 # %% ../../nbs/7_app/00_server.ipynb #app05pag
-PAGE = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Learn and Search: look up an object</title>
-<style>
- body{font-family:system-ui,sans-serif;margin:0;display:flex;height:100vh;color:#222}
- #side{width:230px;overflow-y:auto;border-right:1px solid #ddd;padding:8px;flex:none}
- #side img{width:64px;height:64px;object-fit:cover;margin:2px;cursor:pointer;border:2px solid transparent}
- #side img.on{border-color:#2a7}
- #main{flex:1;overflow-y:auto;padding:10px 16px}
- #query{border:1px solid #ccc;cursor:crosshair;max-width:100%}
- #status{margin:6px 0;min-height:1.3em}#status.err{color:#b00}
- #results figure{display:inline-block;margin:4px;text-align:center;font-size:12px;cursor:pointer}
- #results figure.on canvas{outline:3px solid #f80}
- #heat figure{display:inline-block;margin:4px;text-align:center;font-size:12px}
- label{margin-right:10px}
-</style></head><body>
-<div id="side"><b>Gallery</b> <span id="count"></span><br>
- <label>or upload: <input type="file" id="file" accept="image/*"></label><div id="thumbs"></div></div>
-<div id="main">
- <div><b>Draw a box</b> around an object (drag on the image); the gallery images holding the most similar object appear below.</div>
- <div style="margin:6px 0"><label>results <input id="k" type="number" min="1" style="width:4em"></label>
-  <label>score <select id="score"></select></label><span id="levels"></span></div>
- <canvas id="query" width="512" height="384"></canvas>
- <div id="status">Pick an image on the left.</div>
- <div id="results"></div><div id="heat"></div>
-</div>
-<script>
-const $ = id => document.getElementById(id);
-let info, cur = null, box = null, drag = null, shown = null;
-const status = (t, err) => { $('status').textContent = t; $('status').className = err ? 'err' : ''; };
-async function api(path, body, raw) {
-  const r = await fetch(path, body === undefined ? {} : {method: 'POST', body: raw ? body : JSON.stringify(body),
-                                                        headers: raw ? {} : {'Content-Type': 'application/json'}});
-  const d = await r.json(); if (!r.ok) throw new Error(d.error || r.statusText); return d;
-}
-function loadImage(src) { return new Promise((ok, bad) => { const i = new Image(); i.onload = () => ok(i);
-  i.onerror = () => bad(new Error('cannot load ' + src)); i.src = src; }); }
-function drawBox(ctx, b, s, color) { ctx.strokeStyle = color; ctx.lineWidth = 2; ctx.strokeRect(b[0]*s, b[1]*s, b[2]*s, b[3]*s); }
-async function select(source, w, h) {
-  cur = {source, w, h, img: await loadImage('/image/' + source + '?max=512')}; box = null;
-  document.querySelectorAll('#thumbs img').forEach(t => t.classList.toggle('on', t.dataset.source === source));
-  redraw(); $('results').innerHTML = ''; $('heat').innerHTML = ''; status('Draw a box around an object.');
-}
-function redraw() {
-  const c = $('query'), ctx = c.getContext('2d'), s = Math.min(512 / cur.w, 512 / cur.h);
-  c.width = Math.round(cur.w * s); c.height = Math.round(cur.h * s); cur.scale = s;
-  ctx.drawImage(cur.img, 0, 0, c.width, c.height); if (box) drawBox(ctx, box, s, 'lime');
-}
-function at(e) { const r = $('query').getBoundingClientRect(), k = $('query').width / r.width;
-  return [Math.min(Math.max((e.clientX - r.left) * k, 0), $('query').width), Math.min(Math.max((e.clientY - r.top) * k, 0), $('query').height)]; }
-$('query').onmousedown = e => { if (cur) drag = at(e); };
-$('query').onmousemove = e => { if (!drag) return; const p = at(e), s = cur.scale;
-  box = [Math.min(drag[0], p[0]) / s, Math.min(drag[1], p[1]) / s, Math.abs(p[0] - drag[0]) / s, Math.abs(p[1] - drag[1]) / s]; redraw(); };
-window.onmouseup = () => { if (!drag) return; drag = null; if (box) search(); };
-async function search() {
-  const t0 = performance.now(); status('Searching...');
-  try {
-    const d = await api('/api/search', {source: cur.source, box: box.map(v => Math.round(v * 100) / 100), k: +$('k').value, score: $('score').value});
-    $('results').innerHTML = ''; $('heat').innerHTML = '';
-    for (const r of d.results) {
-      const f = document.createElement('figure'), c = document.createElement('canvas'), im = await loadImage('/image/' + r.source + '?max=200');
-      const s = Math.min(200 / r.width, 200 / r.height); c.width = Math.round(r.width * s); c.height = Math.round(r.height * s);
-      const ctx = c.getContext('2d'); ctx.drawImage(im, 0, 0, c.width, c.height); drawBox(ctx, r.box, s, 'lime');
-      f.dataset.source = r.source; f.appendChild(c);
-      f.insertAdjacentHTML('beforeend', '<figcaption></figcaption>');
-      f.lastChild.textContent = r.name.slice(0, 24) + ' ' + r.score.toFixed(3) + ' ' + r.level;
-      f.onclick = () => locate(r, f); $('results').appendChild(f);
-    }
-    document.body.dataset.query = JSON.stringify(d.query);   // what was asked, for the reader and the browser test
-    status(d.results.length + ' results, ' + d.query.score + ' score: ' + d.ms + ' ms on the server, ' + Math.round(performance.now() - t0) + ' ms in all. Click a result for its heatmaps.');
-  } catch (err) { status(err.message, true); }
-}
-function colour(v) { const t = Math.max(0, Math.min(1, (v + 1) / 2)); return `rgba(${Math.round(255*t)},${Math.round(80+100*(1-Math.abs(t-0.5)*2))},${Math.round(255*(1-t))},0.55)`; }
-async function locate(r, fig) {
-  document.querySelectorAll('#results figure').forEach(x => x.classList.toggle('on', x === fig)); status('Mapping similarity...');
-  const levels = [...document.querySelectorAll('#levels input:checked')].map(x => x.value);
-  try {
-    const d = await api('/api/locate', {source: cur.source, box: box, hit: r.source, levels}), im = await loadImage('/image/' + r.source + '?max=256');
-    $('heat').innerHTML = '';
-    for (const [level, grid] of Object.entries(d.heatmaps)) {
-      const f = document.createElement('figure'), c = document.createElement('canvas'), s = Math.min(256 / r.width, 256 / r.height);
-      c.width = Math.round(r.width * s); c.height = Math.round(r.height * s);
-      const ctx = c.getContext('2d'), gh = grid.length, gw = grid[0].length; ctx.drawImage(im, 0, 0, c.width, c.height);
-      for (let y = 0; y < gh; y++) for (let x = 0; x < gw; x++) { ctx.fillStyle = colour(grid[y][x]);
-        ctx.fillRect(x * c.width / gw, y * c.height / gh, c.width / gw + 1, c.height / gh + 1); }
-      if (level === d.level) drawBox(ctx, d.box, s, 'lime');
-      f.appendChild(c); f.insertAdjacentHTML('beforeend', '<figcaption>' + level + (level === d.level ? ' (best cell)' : '') + '</figcaption>');
-      $('heat').appendChild(f);
-    }
-    status('Heatmaps of ' + r.name + ': cosine similarity per cell (blue -1 ... red +1), ' + d.ms + ' ms.');
-  } catch (err) { status(err.message, true); }
-}
-$('file').onchange = async () => {
-  const f = $('file').files[0]; if (!f) return; status('Uploading...');
-  try { const d = await api('/api/upload?name=' + encodeURIComponent(f.name), await f.arrayBuffer(), true); await select(d.source, d.width, d.height); }
-  catch (err) { status(err.message, true); }
-};
-(async () => {
-  try {
-    info = await api('/api/info'); $('k').value = info.k; $('k').max = info.max_k;
-    for (const m of info.score_modes) $('score').insertAdjacentHTML('beforeend', `<option${m === info.default_score ? ' selected' : ''}>${m}</option>`);
-    $('levels').innerHTML = 'heatmap levels: ' + info.levels.map(l => `<label><input type="checkbox" value="${l}" checked>${l}</label>`).join('');
-    const g = await api('/api/gallery?limit=500'); $('count').textContent = '(' + g.total + (g.total > g.items.length ? ', first ' + g.items.length : '') + ')';
-    for (const it of g.items) { const t = document.createElement('img'); t.src = '/image/' + it.source + '?max=96'; t.title = it.name;
-      t.dataset.source = it.source; t.onclick = () => select(it.source, it.width, it.height); $('thumbs').appendChild(t); }
-  } catch (err) { status(err.message, true); }
-})();
-</script></body></html>
-"""
+PAGE = (Path(str(files('learn_and_search')))/'app'/'page.html').read_text(encoding='utf-8')   # the page: HTML, CSS and JS in one file
+
 
 # %% ../../nbs/7_app/00_server.ipynb #app05wsg
 class _Reply(Exception):
