@@ -19,6 +19,8 @@ from ..data.images import ImageReadError, load_image
 from ..search.embed import as_image, check_box
 from ..evaluate.hubness import SCORE_MODES
 from ..search.index import SearchIndex
+from ..search.layout import best_levels, default_levels
+from ..learn.models import check_levels
 from ..search.cli import open_index, printable
 from fastcore.basics import patch
 from ..utils import run_cli, script_entry
@@ -221,8 +223,9 @@ def make_app(index,                        # a `SearchIndex` with its model atta
     if not isinstance(index, SearchIndex): index = open_index(index, checkpoint, device)
     return LookupApp(index, k)
 
-def _index_for_images(checkpoint:str, images:str, split:str, device:str, progress:bool)->SearchIndex:
-    "The index of `images` by `checkpoint`: built once (with a progress bar) into the cache, reused while both are unchanged"
+def _index_for_images(checkpoint:str, images:str, split:str, device:str, progress:bool,
+                      levels:tuple|None=None)->SearchIndex:   # None: `default_levels` of the model's scene size
+    "The index of `images` by `checkpoint` at `levels`: built once (with a progress bar) into the cache, reused while all are unchanged"
     import hashlib
     from learn_and_search.data.cache import source_key
     from learn_and_search.data.images import open_checked
@@ -233,11 +236,15 @@ def _index_for_images(checkpoint:str, images:str, split:str, device:str, progres
     gallery = open_checked(images if images == 'synthetic' else str(Path(images).expanduser().resolve()), split,
                            skip_unreadable=True, full=False, progress=progress)
     st = ck.stat()
-    key = json.dumps(dict(checkpoint=[str(ck), st.st_size, st.st_mtime_ns], sources=source_key(gallery, 0)['sources']))
+    model = None
+    if levels is None:   # the model's own scene size decides
+        model = load_model(ck, map_location=device); levels = default_levels(int(model.config.get('image_size') or 256))
+    key = json.dumps(dict(checkpoint=[str(ck), st.st_size, st.st_mtime_ns], sources=source_key(gallery, 0)['sources'],
+                          levels=list(levels)))
     folder = default_cache_dir()/'app-indexes'/f"{Path(str(gallery.root)).name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (folder/'meta.json').is_file(): return open_index(folder, str(ck), device)
-    model = load_model(ck, map_location=device)
-    index = SearchIndex.build(model, gallery, progress=progress, device=device)
+    model = model or load_model(ck, map_location=device)
+    index = SearchIndex.build(model, gallery, progress=progress, device=device, levels=tuple(levels))
     if gallery.skipped: print(f"las-app: left out {len(gallery.skipped)} unreadable image(s)", file=sys.stderr)
     index.model_info['source'] = dict(checkpoint=str(ck))
     index.save(folder, overwrite=True)
@@ -262,6 +269,9 @@ def _parser()->argparse.ArgumentParser:
     src.add_argument('--demo', action='store_true', help='the embedded synthetic scenes and a random model (no data needed)')
     p.add_argument('--checkpoint', help='the model (with --images; with --index when it was built from another source)')
     p.add_argument('--split', default='val2017', help='COCO split of --images')
+    p.add_argument('--levels', nargs='+', metavar='LEVEL', help='levels --images indexes, e.g. P3 P4 P5 (default: the best three '
+                   'of --metrics, else by the model\'s scene size: P3-P5 up to 160 px, else P5-P7)')
+    p.add_argument('--metrics', help="las-eval's metrics.json of the --checkpoint: --images indexes the levels it scored best on")
     p.add_argument('--host', default='127.0.0.1', help='address to serve on (default: this machine only)')
     p.add_argument('--port', type=int, default=8765, help='port (0: any free one)')
     p.add_argument('-k', type=int, default=10, help='results shown by default')
@@ -273,11 +283,17 @@ def _main(argv:list)->int:
     from learn_and_search.utils import resolve_device
     a = _parser().parse_args(argv)
     if a.images and not a.checkpoint: raise ValueError("--images needs --checkpoint (the model that indexes them)")
+    if (a.levels or a.metrics) and not a.images: raise ValueError("--levels and --metrics choose what --images indexes (an --index keeps its own)")
+    levels = check_levels([l for s in a.levels for l in s.split(',') if l]) if a.levels else None
+    if a.metrics and not levels:
+        mp = Path(a.metrics)
+        try: levels = best_levels(json.loads(mp.read_text()))
+        except (OSError, ValueError) as e: raise ValueError(f"--metrics {a.metrics}: {e}") from None
     if not 1 <= a.k <= MAX_K: raise ValueError(f"-k must be in [1, {MAX_K}], got {a.k}")
     if not 0 <= a.port <= 65535: raise ValueError(f"--port must be in [0, 65535], got {a.port}")
     device = str(resolve_device(a.device))
     if a.demo: index = _demo_index(not a.no_progress)
-    elif a.images: index = _index_for_images(a.checkpoint, a.images, a.split, device, not a.no_progress)
+    elif a.images: index = _index_for_images(a.checkpoint, a.images, a.split, device, not a.no_progress, levels)
     else: index = open_index(a.index, a.checkpoint, device)
     server = make_server_for(LookupApp(index, a.k), a.host, a.port)
     if a.host not in ('127.0.0.1', 'localhost', '::1'):
