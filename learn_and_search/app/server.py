@@ -20,6 +20,7 @@ from ..search.embed import as_image, check_box
 from ..evaluate.hubness import SCORE_MODES
 from ..search.index import SearchIndex
 from ..search.layout import best_levels, default_levels
+from ..cells import STRIDES
 from ..learn.models import check_levels
 from ..search.cli import open_index, printable
 from fastcore.basics import patch
@@ -48,17 +49,19 @@ class LookupApp:
         ix, modes = self.index, self.score_modes
         return dict(images=len(ix), kind=ix.kind, levels=list(ix.levels), image_size=ix.image_size, k=self.k, max_k=MAX_K,
                     score_modes=modes, default_score=ix.default_score, min_box=MIN_BOX_SIDE,
-                    max_upload_mb=round(self.max_upload_bytes / 2**20, 1), model=ix.model_info.get('source'))
+                    max_upload_mb=round(self.max_upload_bytes / 2**20, 1), model=ix.model_info.get('source'),
+                    cell_px={l: STRIDES[l] for l in ix.levels})   # the side of a level's cells in scene pixels, for captions
 
     @property
     def score_modes(self)->list:   # the hubness-reduced scores need the index's reference statistics
         return list(SCORE_MODES) if self.index.reference is not None else ['max']
 
-    def gallery(self, offset:int=0, limit:int=60)->dict:
-        "A page of gallery images: source id, file name and size"
+    def gallery(self, offset:int=0, limit:int=60, name:str='')->dict:
+        "A page of gallery images (those whose file name holds `name`, any case): source id, file name and size"
         ix, offset, limit = self.index, max(0, int(offset)), min(max(1, int(limit)), 500)
-        rows = range(offset, min(offset + limit, len(ix)))
-        return dict(total=len(ix), offset=offset,
+        match = [i for i, p in enumerate(ix.paths) if name.lower() in Path(p).name.lower()] if name else range(len(ix))
+        rows = match[offset:offset + limit]
+        return dict(total=len(match), offset=offset,
                     items=[dict(source=f'g{i}', name=printable(Path(ix.paths[i]).name), width=ix.sizes[i][0],
                                 height=ix.sizes[i][1]) for i in rows])
 
@@ -165,7 +168,7 @@ def _route(app:LookupApp, environ)->tuple:   # (status, content type, body bytes
     as_json = lambda d: ('200 OK', 'application/json', json.dumps(d).encode())
     if method == 'GET' and path == '/': return '200 OK', 'text/html; charset=utf-8', PAGE.encode()
     if method == 'GET' and path == '/api/info': return as_json(app.info())
-    if method == 'GET' and path == '/api/gallery': return as_json(app.gallery(q.get('offset', 0), q.get('limit', 60)))
+    if method == 'GET' and path == '/api/gallery': return as_json(app.gallery(q.get('offset', 0), q.get('limit', 60), q.get('name', '')))
     if method == 'GET' and path.startswith('/image/'):
         return '200 OK', 'image/jpeg', app.jpeg(path.removeprefix('/image/'), int(q['max']) if q.get('max', '').isdigit() else None)
     if method == 'POST' and path == '/api/upload':
