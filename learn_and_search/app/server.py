@@ -153,10 +153,15 @@ def _content_length(environ)->int:
     if n < 0: raise _Reply('400 Bad Request', f"Content-Length {n} is negative")
     return n
 
+def _read_body(environ, n:int)->bytes:
+    "The `n` bytes of the request body; a client that stops sending gets a 408 when the handler's `timeout` runs out"
+    try: return environ['wsgi.input'].read(n)
+    except TimeoutError: raise _Reply('408 Request Timeout', f"the request body stopped before its {n} bytes (Content-Length)") from None
+
 def _json_body(environ, limit:int=2**20)->dict:
     n = _content_length(environ)
     if n > limit: raise _Reply('413 Payload Too Large', f"request of {n} bytes is over the {limit} byte limit")
-    try: body = json.loads(environ['wsgi.input'].read(n) or b'{}')
+    try: body = json.loads(_read_body(environ, n) or b'{}')
     except ValueError as e: raise _Reply('400 Bad Request', f"request is not JSON: {e}") from None
     except RecursionError: raise _Reply('400 Bad Request', "request is not JSON this page sends: nested too deeply") from None
     if not isinstance(body, dict): raise _Reply('400 Bad Request', "request must be a JSON object")
@@ -176,7 +181,7 @@ def _route(app:LookupApp, environ)->tuple:   # (status, content type, body bytes
         if n > app.max_upload_bytes:   # refused before the body is read
             raise _Reply('413 Payload Too Large', f"{q.get('name', 'upload')}: {n / 2**20:.1f} MB is over the "
                          f"{app.max_upload_bytes / 2**20:.0f} MB upload limit")
-        return as_json(app.upload(environ['wsgi.input'].read(n), q.get('name', 'upload')))
+        return as_json(app.upload(_read_body(environ, n), q.get('name', 'upload')))
     if method == 'POST' and path == '/api/search':
         b = _json_body(environ)
         return as_json(app.search(b.get('source'), b.get('box'), b.get('k'), b.get('score')))
@@ -203,6 +208,7 @@ class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True   # a slow browser never holds up Ctrl-C
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 20   # seconds a request may stall: a client that stops sending never holds a server thread for good
     def log_message(self, *args): pass   # the page polls nothing, but one line per image request would drown the terminal
 
 def make_server_for(app:LookupApp, host:str='127.0.0.1', port:int=0):
