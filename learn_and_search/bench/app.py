@@ -5,6 +5,7 @@
 # %% ../../nbs/8_bench/03_app.ipynb #bapp01im
 from __future__ import annotations
 import argparse, io, os, statistics, time
+from pathlib import Path
 import torch
 from PIL import Image
 from ..app.server import LookupApp
@@ -15,7 +16,7 @@ from ..search.index import SearchIndex
 from ..utils import describe_machine, run_cli, script_entry
 
 # %% auto #0
-__all__ = ['page_latency', 'benchmark', 'main']
+__all__ = ['page_latency', 'browser_draw_ms', 'benchmark', 'main']
 
 # %% ../../nbs/8_bench/03_app.ipynb #bapp03fn
 def _png(img:torch.Tensor)->bytes:
@@ -44,6 +45,47 @@ def page_latency(n_images:int=1000,   # gallery size
     return dict(images=n_images, kind=kind, p50_ms=statistics.median(times), p95_ms=times[int(0.95 * (len(times) - 1))],
                 max_ms=times[-1])
 
+# %% ../../nbs/8_bench/03_app.ipynb #b904a545
+def browser_draw_ms(ks=(10, 100),        # results asked for
+                    repeats:int=3,       # boxes per k (the median is reported)
+                    n_images:int=160,    # synthetic gallery images
+                   )->list:              # one dict per k: k, page_ms, server_ms
+    "Milliseconds from a typed box to the last hit drawn, in headless Chromium, by k (None where Chromium is missing)"
+    import re, shutil, tempfile
+    from learn_and_search.app.server import serve_in_thread
+    from learn_and_search.data.images import open_images
+    from learn_and_search.data.synthetic import make_synthetic_coco
+    from learn_and_search.learn.models import random_init_model
+    chromium, driver_path = shutil.which('chromium'), shutil.which('chromedriver')
+    try: from selenium import webdriver; from selenium.webdriver.common.by import By; from selenium.webdriver.support.ui import WebDriverWait
+    except ImportError: return None
+    if not (chromium and driver_path): return None
+    with tempfile.TemporaryDirectory() as d:
+        images = open_images(str(make_synthetic_coco(Path(d)/'coco', n_train=0, n_val=n_images, image_size=256)), 'val2017')
+        ix = SearchIndex.build(random_init_model(None, 0, preset='model1', dim=64, image_size=128), images, reference=16, progress=False)
+        server, opts = serve_in_thread(LookupApp(ix, 10)), webdriver.ChromeOptions()
+        opts.binary_location = chromium
+        for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu', '--window-size=1280,800'): opts.add_argument(a)
+        browser = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_path))
+        try:
+            browser.get(server.url)
+            WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, '#thumbs figure'))
+            browser.find_element(By.CSS_SELECTOR, '#thumbs figure').click()
+            WebDriverWait(browser, 60).until(lambda b: 'Draw a box' in b.find_element(By.ID, 'status').text)
+            rows, g = [], torch.Generator().manual_seed(0)
+            for k in ks:
+                kf = browser.find_element(By.ID, 'k'); kf.clear(); kf.send_keys(str(min(k, n_images)))
+                page, srv = [], []
+                for _ in range(repeats):
+                    x, y = (int(torch.randint(0, 150, (1,), generator=g)) for _ in range(2))
+                    box = browser.find_element(By.ID, 'boxtext'); box.clear(); box.send_keys(f'{x},{y},60,60\n')
+                    done = lambda b: re.search(r'results, .*: ([\d.]+) ms on the server, (\d+) ms in all', b.find_element(By.ID, 'status').text)
+                    m = WebDriverWait(browser, 120).until(done)
+                    srv.append(float(m.group(1))); page.append(float(m.group(2)))
+                rows.append(dict(k=min(k, n_images), page_ms=statistics.median(page), server_ms=statistics.median(srv)))
+            return rows
+        finally: browser.quit(); server.shutdown(); server.server_close()
+
 # %% ../../nbs/8_bench/03_app.ipynb #bapp04cl
 def _parser():
     p = argparse.ArgumentParser(prog='python -m learn_and_search.bench app', description='Answer time of the las-app page by gallery size.')
@@ -52,6 +94,7 @@ def _parser():
     p.add_argument('--image-size', type=int, default=256); p.add_argument('--dim', type=int, default=256)
     p.add_argument('-k', type=int, default=10); p.add_argument('--repeats', type=int, default=20)
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: its own)')
+    p.add_argument('--browser-ks', type=int, nargs='*', default=[10, 100], help='k of the in-browser draw times (none: skip them)')
     return p
 
 def benchmark(argv:list|None=None)->str:   # the Markdown table
@@ -65,6 +108,11 @@ def benchmark(argv:list|None=None)->str:   # the Markdown table
         for kind in a.kinds:
             r = page_latency(n, kind, a.image_size, a.dim, a.k, a.repeats)
             lines.append(f"| {n:,} | {kind} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['max_ms']:.0f} |")
+    if a.browser_ks:
+        rows = browser_draw_ms(a.browser_ks)
+        lines += ['', '## In the browser: box to the last hit drawn (headless Chromium, 1280x800, 160 synthetic photos, median of 3)', '']
+        lines += (['| k | page ms | server ms |', '|---|---|---|'] + [f"| {r['k']} | {r['page_ms']:.0f} | {r['server_ms']:.0f} |" for r in rows]
+                  if rows else ['Chromium, its driver or selenium is not installed here (`make browser`): not measured.'])
     print('\n'.join(lines)); return '\n'.join(lines)
 
 def main(argv:list|None=None)->int:
