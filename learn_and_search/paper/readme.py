@@ -246,7 +246,7 @@ def render_run(run:dict,            # from `read_run`
                                                  PAPER_CLAIMS['sga'], f'SGA against training pairs seen ({grid})'),
                                out/'sga_vs_pairs', svg=True)
     # the learning-per-CPU-minute tables, made by scripts/cpu_budget.py (its sweeps, the recipe's first)
-    budgets = [out/f'cpu_budget_{s}.md' for s in ('recipe', 'augment', 'k') if (out/f'cpu_budget_{s}.md').is_file()]
+    budgets = [out/f'cpu_budget_{s}.md' for s in ('recipe', 'augment', 'shared', 'k') if (out/f'cpu_budget_{s}.md').is_file()]
     if budgets: run = {**run, 'extra_sections': [l for b in budgets for l in [*b.read_text().strip().splitlines(), '']][:-1]}
     G = metrics[models[0]]['gallery_size']
     for m in models:
