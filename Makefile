@@ -6,7 +6,7 @@ SCALE  ?= smoke
 DATA   ?=
 QUARTO ?= quarto
 
-.PHONY: install browser reproduce test export readme docs gpu-stage
+.PHONY: install browser reproduce test check export readme docs gpu-stage
 
 install: $(VENV)/.installed
 
@@ -28,8 +28,11 @@ browser:  ## Debian's headless Chromium and its driver, for the browser test of 
 reproduce: install  ## SCALE=smoke|mini|gpu|paper
 	$(VENV)/bin/las-reproduce --scale $(SCALE) $(if $(DATA),--data $(DATA),)
 
-test: install  ## every notebook and tests/: about 20 minutes on 2 idle CPU cores (19.4 min on an AMD EPYC with AVX2 only)
+test: install  ## the full suite (CI): every notebook and tests/, about 20 minutes on 2 idle CPU cores
 	$(PY) tests/run_all.py
+
+check: install  ## the fast tier while you work: notebooks without their slow cells, pytest without slow and browser tests
+	$(PY) tests/run_all.py --fast
 
 docs:  ## the documentation site into _docs/ (nbdev's docs pass into _proc/, then Quarto; both git-ignored), or one line saying what to install
 	@if command -v $(QUARTO) >/dev/null; then $(MAKE) -s --no-print-directory install && $(PY) scripts/docs.py --quarto "$(QUARTO)"; \

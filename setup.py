@@ -37,6 +37,7 @@ setuptools.setup(
     url = cfg['git_url'],
     packages = setuptools.find_packages(include=['learn_and_search', 'learn_and_search.*']),
     include_package_data = True,
+    package_data = {'learn_and_search': ['fixtures/*.json', 'app/*.html']},   # testing.example_metrics, the las-app page
     install_requires = requirements,
     extras_require={ 'dev': dev_requirements },
     dependency_links = cfg.get('dep_links','').split(),

@@ -1,4 +1,4 @@
-"""Time `metrics.retrieval_metrics` and `metrics.sga_hits` against an earlier version of the module; print a Markdown table.
+"""Time `evaluate.metrics.retrieval_metrics` and `evaluate.metrics.sga_hits` against an earlier version of the module; print a Markdown table.
 
 The earlier `metrics.py` is read from git (`--before`, default 0b11d0a: two sorts per k, a second argmax pass over the
 concatenated levels), so no copy of the old code is kept. Both versions run on the same random inputs, in one process,
@@ -13,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import learn_and_search.metrics as new
+import learn_and_search.evaluate.metrics as new
 
 
 def old_module(rev:str):

@@ -36,7 +36,7 @@ SWEEPS = {'recipe': [('model4, query flips', 'model4'), ('shared', 'model4'), ('
 
 def _rate(run:Path, batch:int, K:int, skip:int=2)->float:
     "Query pairs per second of a run's logged steps after `skip`"
-    from learn_and_search.bench_train import metrics_pairs_per_s
+    from learn_and_search.bench.train import metrics_pairs_per_s
     lines = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()]
     return metrics_pairs_per_s(lines, batch, skip, K)
 
@@ -45,11 +45,11 @@ def child(spec:dict)->dict:
     "One arm: probe its speed, train for the budget, evaluate; the result as a dict"
     import torch
     torch.set_num_threads(1)
-    from learn_and_search.train import train
-    from learn_and_search.train_config import TrainConfig
-    from learn_and_search.models import load_model
-    from learn_and_search.evaluate import evaluate
-    from learn_and_search.gallery import open_gallery
+    from learn_and_search.learn.train import train
+    from learn_and_search.learn.config import TrainConfig
+    from learn_and_search.learn.models import load_model
+    from learn_and_search.evaluate.run import evaluate
+    from learn_and_search.data.gallery import open_gallery
     out = Path(spec['runs'])
     base = dict(COMMON, **ARMS[spec['arm']], data=spec['train_data'], compile=spec.get('compile', False))
     K, probe = base['queries_per_scene'], out/'probe'

@@ -23,12 +23,12 @@ log="$out/gpu_run.log" runs=${LAS_RUNS:-runs} figures=${LAS_FIGURES:-figures}
   python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee "$log"
 start=$(date +%s)
-python3 -m learn_and_search.reproduce --scale gpu --runner python --runs "$runs" --figures "$figures" \
+python3 -m learn_and_search.paper.reproduce --scale gpu --runner python --runs "$runs" --figures "$figures" \
   --archive "$out/gpu.tar.gz" "$@" 2>&1 | tee -a "$log"
 rc=${PIPESTATUS[0]}
 echo "las-reproduce exit $rc, wall $(( $(date +%s) - start )) s" | tee -a "$log"
 if [ "$rc" -ne 0 ]; then   # keep what finished: the records, logs, metrics and figures so far
-  python3 -c "import sys; from learn_and_search.archive import pack_run; print(pack_run(*sys.argv[1:]))" \
+  python3 -c "import sys; from learn_and_search.paper.archive import pack_run; print(pack_run(*sys.argv[1:]))" \
     "$runs/gpu" "$figures/gpu" "$out/gpu.tar.gz" 2>&1 | tee -a "$log"
 fi
 exit "$rc"

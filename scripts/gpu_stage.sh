@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage what the `gpu` scale's device run needs, here, before the call: the two small data folders copied into data/
 # (git-ignored, so they travel only when the call carries them: carry ["data", ".whl"]), the pycocotools wheel into
-# .whl/ while learn_and_search.data still imports pycocotools (the GPU machine has none; 0.4 MB), then the size of what
+# .whl/ while learn_and_search.data.images still imports pycocotools (the GPU machine has none; 0.4 MB), then the size of what
 # travels. The device call: run(command="bash scripts/gpu_run.sh $OUT", carry=["data", ".whl"], timeout_s=600).
 # Usage: bash scripts/gpu_stage.sh [SHARED_DATA]   (default ../shared/data)
 set -euo pipefail

@@ -1,34 +1,64 @@
-"""Run every test: the notebooks as `nbdev_test` runs them (its own `test_nb`, one result per notebook), then pytest on
-tests/ (counts read from its JUnit XML report); end with one `N passed, N failed` line. About 20 minutes on 2 idle cores (19.4 min on an AMD EPYC with AVX2 only).
-Everything the tests write to the temp folder goes to one scratch folder of this run (the checkpoints of the training tests
-are hundreds of MB each): its size is reported, and it is removed when every test passed (kept for inspection otherwise)."""
-import os, shutil, subprocess, sys, tempfile, time
+"""Run the tests in one of two tiers and end with one `N passed, N failed` line.
+
+- `python tests/run_all.py` (`make test`, what CI runs): every notebook as `nbdev_test --flags slow` runs it, then
+  `pytest tests/`; about 20 minutes on 2 idle cores.
+- `python tests/run_all.py --fast` (`make check`): the notebooks without their `#| slow` cells (training, evaluation,
+  subprocess and papermill runs), then `pytest -m "not slow and not browser"`; about 2 minutes.
+
+Both print every notebook's time, its slowest cells and pytest's slowest tests, so a cell that grew slow is seen and
+flagged. Everything the tests write to the temp folder goes to one scratch folder of this run (the checkpoints of the
+training tests are hundreds of MB each): its size is reported, and it is removed when every test passed."""
+import argparse, os, shutil, subprocess, sys, tempfile, time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 root = Path(__file__).resolve().parent.parent
+FULL_FLAGS = ('slow',)   # the flags `make test` runs that `make check` (and a plain `nbdev_test`) skips
 
-def notebook_results(n_workers:int=2, files=None)->list:
-    "(notebook, passed, seconds) for every notebook nbdev_test would test, through nbdev's own `test_nb`"
-    from fastcore.parallel import parallel
+def run_notebook(fn:Path, skip_flags:set):
+    "nbdev's `test_nb`, timing each cell: (passed, seconds, [(cell number, seconds, first line) of each cell over a second])"
     from fastcore.xtras import working_directory
+    from execnb.shell import CaptureShell
+    from nbdev.process import NBProcessor
+    from nbdev.frontmatter import FrontmatterProc
+    os.environ['IN_TEST'] = '1'
+    nb = NBProcessor(fn, procs=FrontmatterProc, process=True).nb
+    def skip(cell):   # as nbdev's test_nb decides
+        if cell.cell_type != 'code' or 'nbdev_export' + '(' in cell.source: return True
+        direc = getattr(cell, 'directives_', {}) or {}
+        return direc.get('eval:', [''])[0].lower() == 'false' or bool(skip_flags & direc.keys())
+    times, started = [], [0.]
+    def before(cell):
+        started[0] = time.time(); return skip(cell)
+    def after(cell): times.append((cell.idx_, time.time() - started[0], cell.source.strip().splitlines()[0][:70]))
+    t0, shell = time.time(), CaptureShell(fn)
+    try:
+        with working_directory(fn.parent): shell.run_all(nb, exc_stop=True, preproc=before, postproc=after)
+        ok = True
+    except Exception:
+        sys.stderr.write(shell.prettytb(fname=fn) + '\n'); ok = False
+    return ok, time.time() - t0, sorted((t for t in times if t[1] >= 1), key=lambda t: -t[1])   # the cells over a second
+
+def notebook_results(n_workers:int=2, files=None, fast:bool=False)->list:
+    "(notebook, passed, seconds, slowest cells) for every notebook nbdev_test would test"
+    from fastcore.parallel import parallel
     from nbdev.config import get_config
     from nbdev.doclinks import nbglob
-    from nbdev.test import _keep_file, test_nb
+    from nbdev.test import _keep_file
     cfg = get_config(path=root)
+    skip = set(cfg.tst_flags.split()) - (set() if fast else set(FULL_FLAGS))
     files = [Path(f).absolute() for f in sorted(files or nbglob(cfg.nbs_path, as_path=True))
              if _keep_file(Path(f).absolute(), '.notest')]   # the selection nbdev_test makes (folders with .notest are skipped)
-    with working_directory(cfg.nbs_path):
-        results = parallel(test_nb, files, skip_flags=cfg.tst_flags.split(), force_flags=[], n_workers=n_workers,
-                           basepath=cfg.config_path, pause=0.01)
-    return [(f.relative_to(cfg.nbs_path) if f.is_relative_to(cfg.nbs_path) else f, ok, t) for f, (ok, t) in zip(files, results)]
+    sys.path.insert(0, str(cfg.config_path))
+    results = parallel(run_notebook, files, skip_flags=skip, n_workers=n_workers, pause=0.01)
+    return [(f.relative_to(cfg.nbs_path) if f.is_relative_to(cfg.nbs_path) else f, *r) for f, r in zip(files, results)]
 
 def pytest_counts(args=('tests',))->dict:
     "passed / failed / skipped counts of `pytest args`, from its JUnit XML report"
     with tempfile.TemporaryDirectory() as d:
         xml = Path(d)/'pytest.xml'
-        print('$ pytest -q -rs', *args, flush=True)
-        code = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-rs', f'--junitxml={xml}', *args], cwd=root).returncode
+        print('$ pytest -q -rs --durations=10', *args, flush=True)
+        code = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-rs', '--durations=10', f'--junitxml={xml}', *args], cwd=root).returncode
         if not xml.exists(): return dict(passed=0, failed=1, skipped=0)   # pytest itself broke (usage, collection)
         suites = ET.parse(xml).getroot()
         suites = [suites] if suites.tag == 'testsuite' else list(suites)
@@ -40,20 +70,26 @@ def folder_bytes(folder:Path)->int:
     "Bytes of the regular files under `folder` (links not followed)"
     return sum(f.lstat().st_size for f in folder.rglob('*') if f.is_file() and not f.is_symlink())
 
-if __name__ == '__main__':
+def main(argv=None)->int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--fast', action='store_true', help='the fast tier (make check): no slow cells, no slow or browser tests')
+    a = p.parse_args(argv)
     t0 = time.time()
     scratch = Path(tempfile.mkdtemp(prefix='las-tests-'))   # TMPDIR of every test: notebooks, pytest and their children
     os.environ['TMPDIR'] = tempfile.tempdir = str(scratch)
-    print('$ nbdev_test (nbdev.test.test_nb on every notebook, 2 workers)', flush=True)
-    nbs = notebook_results()
-    for nb, ok, t in sorted(nbs, key=lambda r: -r[2]): print(f"  {'ok  ' if ok else 'FAIL'} {t:6.0f} s  {nb}")
-    failed_nbs = [str(nb) for nb, ok, _ in nbs if not ok]
-    py = pytest_counts()
+    print(f"$ nbdev_test{'' if a.fast else ' --flags ' + ' '.join(FULL_FLAGS)} (every notebook, 2 workers, each cell timed)", flush=True)
+    nbs = notebook_results(fast=a.fast)
+    for nb, ok, t, cells in sorted(nbs, key=lambda r: -r[2]):
+        print(f"  {'ok  ' if ok else 'FAIL'} {t:6.1f} s  {nb}" + ''.join(f"\n{'':16}cell {i}: {s:5.1f} s  {line}" for i, s, line in cells))
+    failed_nbs = [str(nb) for nb, ok, *_ in nbs if not ok]
+    py = pytest_counts(('-m', 'not slow and not browser', 'tests') if a.fast else ('tests',))
     passed, failed = len(nbs) - len(failed_nbs) + py['passed'], len(failed_nbs) + py['failed']
     print(f"notebooks: {len(nbs) - len(failed_nbs)} passed, {len(failed_nbs)} failed" + (f" ({', '.join(failed_nbs)})" if failed_nbs else ''))
     print(f"pytest: {py['passed']} passed, {py['failed']} failed, {py['skipped']} skipped")
     left = folder_bytes(scratch)
     if not failed: shutil.rmtree(scratch, ignore_errors=True)
     print(f"temp: the tests left {left / 2**20:,.0f} MiB in {scratch} ({'removed' if not failed else 'kept for inspection'})")
-    print(f"total: {passed} passed, {failed} failed ({(time.time() - t0) / 60:.1f} min)")
-    sys.exit(1 if failed else 0)
+    print(f"total: {passed} passed, {failed} failed ({(time.time() - t0) / 60:.1f} min, {'fast tier' if a.fast else 'full suite'})")
+    return 1 if failed else 0
+
+if __name__ == '__main__': sys.exit(main())

@@ -21,12 +21,12 @@ pytestmark = [pytest.mark.browser,
 @pytest.fixture(scope='module')
 def served():
     "The page over a tiny synthetic index, on a free loopback port"
-    from learn_and_search.app import LookupApp, serve_in_thread
-    from learn_and_search.data import open_images
-    from learn_and_search.models import random_init_model
-    from learn_and_search.search import SearchIndex
+    from learn_and_search.app.server import LookupApp, serve_in_thread
+    from learn_and_search.data.images import open_images
+    from learn_and_search.learn.models import random_init_model
+    from learn_and_search.search.index import SearchIndex
     if os.environ.get('LAS_APP_CHECKPOINT'):   # the README's screenshot: a trained model over real photos
-        from learn_and_search.app import _index_for_images
+        from learn_and_search.app.server import _index_for_images
         index = _index_for_images(os.environ['LAS_APP_CHECKPOINT'], os.environ['LAS_APP_IMAGES'],
                                   os.environ.get('LAS_APP_SPLIT', 'val2017'), 'cpu', progress=False)
     else:
@@ -112,3 +112,61 @@ def test_bad_inputs_show_one_line_in_red(served, browser, tmp_path):
         text, err = status(browser, 'upload limit')
         assert err and 'noise.png' in text, text
     finally: app.max_upload_bytes = limit
+    assert browser.find_element(By.ID, 'file').get_attribute('value') == ''   # the picker names no file other than the one shown
+
+
+def in_view(driver, el) -> bool:
+    "Whether `el` lies entirely inside the browser window (no scrolling needed to see it)"
+    return driver.execute_script("const r = arguments[0].getBoundingClientRect();"
+                                 "return r.height > 0 && r.top >= 0 && r.left >= 0 && r.bottom <= innerHeight && r.right <= innerWidth;", el)
+
+
+def test_controls_answer_at_once_and_everything_fits_one_screen(served, browser):
+    app, url = served
+    browser.set_window_size(1280, 800)
+    try:
+        canvas = open_page(browser, url)
+        drag(browser, canvas, 60, 50, 200, 170)
+        status(browser, '6 results')
+        k = browser.find_element(By.ID, 'k')
+        k.clear(); k.send_keys('3'); browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", k)   # no new box
+        status(browser, '3 results')
+        assert len(browser.find_elements(By.CSS_SELECTOR, '#results figure')) == 3
+        hit = browser.find_elements(By.CSS_SELECTOR, '#results figure')[1]
+        assert in_view(browser, hit) and in_view(browser, canvas), 'the query and its hits share one 1280x800 screen'
+        hit.click()
+        status(browser, 'Heatmaps of')
+        heat = browser.find_elements(By.CSS_SELECTOR, '#heat figure')
+        assert len(heat) == len(app.index.levels) and all(in_view(browser, f) for f in heat), 'the heatmaps are in view'
+        assert 'cosine' in browser.find_element(By.CSS_SELECTOR, '#heat .bar').text     # a colour bar with its range
+        boxes = browser.find_elements(By.CSS_SELECTOR, '#levels input')
+        boxes[0].click()                                                              # one level fewer: redrawn at once
+        WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '#heat figure')) == len(app.index.levels) - 1)
+        for b in boxes[1:]: b.click()                                                 # none: no heatmap, and it says so
+        status(browser, 'No heatmap level is checked')
+        assert not browser.find_elements(By.CSS_SELECTOR, '#heat figure')
+        text = browser.find_element(By.ID, 'boxtext')
+        text.clear(); text.send_keys('1,1,2,2\n')                                    # a box too small: the error clears the hits
+        _, err = status(browser, 'minimum')
+        assert err and not browser.find_elements(By.CSS_SELECTOR, '#results figure')
+    finally: browser.set_window_size(1280, 1250)
+
+
+def test_the_keyboard_alone_finds_an_object(served, browser):
+    from selenium.webdriver.common.keys import Keys
+    app, url = served
+    browser.get(url)
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, '#thumbs figure[data-source="g2"]'))
+    thumb = browser.find_element(By.CSS_SELECTOR, '#thumbs figure[data-source="g2"]')
+    assert thumb.get_attribute('tabindex') == '0' and thumb.text                      # focusable, and named
+    thumb.send_keys(Keys.ENTER)
+    status(browser, 'Draw a box')
+    browser.find_element(By.ID, 'boxtext').send_keys('10,12,30,28' + Keys.ENTER)    # the box, typed
+    status(browser, '6 results')
+    want = app.index.search(app.index.paths[2], [10, 12, 30, 28], 6, score=app.index.default_score)
+    shown = [f.get_attribute('data-source') for f in browser.find_elements(By.CSS_SELECTOR, '#results figure')]
+    assert shown == [f"g{app.index.paths.index(h['image'])}" for h in want]
+    first = browser.find_element(By.CSS_SELECTOR, '#results figure')
+    assert first.get_attribute('tabindex') == '0' and 'best cell at' in first.get_attribute('title')
+    first.send_keys(Keys.ENTER)
+    status(browser, 'Heatmaps of')

@@ -1,6 +1,6 @@
-"""File-based tests of learn_and_search.data / synthetic / cache: bad inputs, image modes, EXIF, small images, the
+"""File-based tests of learn_and_search.data.images / synthetic / cache: bad inputs, image modes, EXIF, small images, the
 image cache killed mid-build, and real-data checks over $COCO_ROOT and ../shared/data (skipped when absent).
-The download against a local range server is tested in nbs/01b_download.ipynb (one copy of the server)."""
+The download against a local range server is tested in nbs/2_data/02_download.ipynb (one copy of the server)."""
 import json, logging, os
 from pathlib import Path
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import ExifTags, Image
 
-import learn_and_search.data as data
-from learn_and_search.data import (CocoImages, FolderImages, ImageReadError, check_readable, exif_boxes, load_image,
+import learn_and_search.data.images as data
+from learn_and_search.data.images import (CocoImages, FolderImages, ImageReadError, check_readable, exif_boxes, load_image,
                                    mix_seed, object_queries, open_images, random_crop_queries, resize_square,
                                    sample_query_box)
-from learn_and_search.synthetic import synthetic_coco
+from learn_and_search.data.synthetic import synthetic_coco
 
 # ---------------------------------------------------------------- helpers
 
@@ -76,7 +76,7 @@ def test_bad_annotation(coco, ann, msg):
 def test_listed_image_missing(coco, caplog):
     (coco/'val2017/b.jpg').unlink()
     with pytest.raises(FileNotFoundError, match=r'b.jpg: listed in .*instances_val2017.json \(image id 2\) but missing'): CocoImages(coco)
-    with caplog.at_level(logging.WARNING, logger='learn_and_search.data'): ds = CocoImages(coco, skip_unreadable=True)
+    with caplog.at_level(logging.WARNING, logger='learn_and_search.data.images'): ds = CocoImages(coco, skip_unreadable=True)
     assert len(ds) == 1 and len(ds.skipped) == 1 and 'b.jpg' in ds.skipped[0][0] and 'b.jpg' in caplog.text
 
 @pytest.mark.parametrize('name', ['../outside.jpg', '/etc/passwd', 'sub/../../outside.jpg'])
@@ -100,7 +100,7 @@ def test_unreadable_file(coco, make, reason, caplog):
     with pytest.raises(ImageReadError, match=f'a.jpg: .*{reason}'): load_image(coco/'val2017/a.jpg')
     with pytest.raises(ImageReadError, match='a.jpg'): CocoImages(coco)[0]
     ds = CocoImages(coco, skip_unreadable=True)
-    with caplog.at_level(logging.WARNING, logger='learn_and_search.data'):
+    with caplog.at_level(logging.WARNING, logger='learn_and_search.data.images'):
         x, y = ds[0], ds[0]   # the unreadable image is replaced by the next one, logged and counted once
     assert x['image_id'] == 2 and x['index'] == 1 and len(ds.skipped) == 1 and 'a.jpg' in ds.skipped[0][0]
     assert caplog.text.count('skipped unreadable image') == 1
@@ -176,7 +176,7 @@ def test_degenerate_boxes_clipped_and_dropped(tmp_path, caplog):
              (12, 1, 3, 3),     # outside: dropped
              (9.5, 0, 3, 3)]    # clipped to 0.5 wide: dropped
     write_coco(tmp_path, [(1, 'a.png', 10, 10)], [(1, 1, b) for b in boxes])
-    with caplog.at_level(logging.WARNING, logger='learn_and_search.data'): ds = CocoImages(tmp_path)
+    with caplog.at_level(logging.WARNING, logger='learn_and_search.data.images'): ds = CocoImages(tmp_path)
     assert ds.clipped_boxes == 1 and ds.dropped_boxes == [3, 4, 5, 6]
     assert 'clipped 1 boxes' in caplog.text and 'dropped 4' in caplog.text and 'instances_val2017.json' in caplog.text
     assert ds[0]['boxes'].tolist() == [[2, 2, 3, 3], [0, 5, 2, 5]]
@@ -216,7 +216,7 @@ def test_folder_images(tmp_path, caplog):
     (tmp_path/'x/y').mkdir(parents=True)
     rgb().save(tmp_path/'b.PNG'); rgb().save(tmp_path/'x/y/a.jpeg'); rgb().save(tmp_path/'x/c.bmp')
     (tmp_path/'notes.txt').write_text('hi'); rgb().save(tmp_path/'d.gif')
-    with caplog.at_level(logging.INFO, logger='learn_and_search.data'): fi = FolderImages(tmp_path)
+    with caplog.at_level(logging.INFO, logger='learn_and_search.data.images'): fi = FolderImages(tmp_path)
     assert [Path(p).relative_to(tmp_path).as_posix() for p in fi.paths] == ['b.PNG', 'x/c.bmp', 'x/y/a.jpeg']
     assert 'ignoring 2 files' in caplog.text
     x = fi[2]; assert x['image_id'] == 2 and x['boxes'].shape == (0, 4) and x['category_ids'].dtype == torch.int64
@@ -332,10 +332,10 @@ def test_coco_mini_320_same_object_queries(shared_data):
 def test_cache_build_killed_with_sigkill_is_not_reused(tmp_path):
     "A build killed with SIGKILL leaves only a hidden temp folder; the next call builds a whole cache and removes it"
     import subprocess, sys, time
-    from learn_and_search.cache import image_cache
-    from learn_and_search.synthetic import make_synthetic_coco
+    from learn_and_search.data.cache import image_cache
+    from learn_and_search.data.synthetic import make_synthetic_coco
     syn, caches = make_synthetic_coco(tmp_path/'syn', n_train=8, n_val=1, image_size=64), tmp_path/'caches'
-    code = (f"import time, learn_and_search.cache as C\nreal = C.resize_square\n"
+    code = (f"import time, learn_and_search.data.cache as C\nreal = C.resize_square\n"
             f"def slow(x, s): time.sleep(0.3); return real(x, s)\nC.resize_square = slow\n"
             f"C.image_cache({str(syn)!r}, 'train2017', 32, cache_dir={str(caches)!r}, progress=False, workers=1)\n")
     p = subprocess.Popen([sys.executable, '-c', code])

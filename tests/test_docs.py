@@ -65,7 +65,9 @@ def docs_pass(nbs:Path)->list:
         try: docs_filter()(nb)
         except Exception as e: rec['failed'].append(dict(cell=None, line=None, error=f'{type(e).__name__}: {str(e)[:300]}'))
         page = getattr(nb, 'frontmatter_', {}).get('output-file') or path.with_suffix('.html').name   # Quarto's name without one
-        rec.update(page=str((path.parent/page).relative_to(nbs)), seconds=round(time.time() - t0, 2))
+        module = next((m.group(1) for c in nb.cells for m in [re.search(r'^#\|\s*default_exp\s+(\S+)', c.source or '', re.M)] if m), None)
+        shown = sorted({m.group(1) for c in nb.cells for m in re.finditer(r'show_doc\((\w+)', c.source or '')})
+        rec.update(page=str((path.parent/page).relative_to(nbs)), seconds=round(time.time() - t0, 2), module=module, shown=shown)
         records.append(rec)
     return records
 
@@ -96,6 +98,20 @@ def test_imports_in_cells_of_their_own(passed):
     mixed = [f"{r['notebook']} cell {m['cell']} ({m['line']!r})" for r in passed for m in r['mixed']]
     assert not mixed, (f"{len(mixed)} cells hold an import and other code, so nbdev's docs pass runs all of it without the "
                        "cells before it: move the imports into a cell of their own\n" + '\n'.join(mixed))
+
+
+def test_every_exported_function_and_class_has_its_documentation(passed):
+    "Each chapter's page shows the signature and docstring (`show_doc`) of every function and class its module exports"
+    import importlib, inspect
+    missing = []
+    for r in passed:
+        if not r['module']: continue
+        mod = importlib.import_module(f"learn_and_search.{r['module']}")
+        names = [n for n in getattr(mod, '__all__', []) if (inspect.isfunction(o := getattr(mod, n)) or inspect.isclass(o))
+                 and getattr(o, '__module__', '') == mod.__name__]
+        missing += [f"{r['notebook']}: {n}" for n in names if n not in r['shown']]
+    assert any(r['shown'] for r in passed), 'no show_doc cell at all: the docs pass no longer adds them'
+    assert not missing, f"exported but not documented on its page ({len(missing)}): " + ', '.join(missing)
 
 
 def test_one_page_per_notebook(passed):
@@ -152,16 +168,18 @@ def test_sidebar_lists_every_chapter_once_in_order():
     from fastcore.xtras import working_directory
     from nbdev.doclinks import nbglob
     from nbdev.quarto import nbdev_sidebar
-    cfg = _config()
-    if cfg.custom_sidebar: sidebar = yaml.safe_load((NBS/'sidebar.yml').read_text())
-    else:
-        with working_directory(ROOT), contextlib.redirect_stdout(io.StringIO()) as out:
-            nbdev_sidebar.__wrapped__(path=NBS, printit=True)   # what make docs writes to nbs/sidebar.yml
-        sidebar = yaml.safe_load(out.getvalue())
+    import importlib.util
+    assert _config().custom_sidebar, 'custom_sidebar = True: nbdev would overwrite the sidebar with links that drop the folder numbers'
+    spec = importlib.util.spec_from_file_location('docs_script', ROOT/'scripts'/'docs.py')
+    docs = importlib.util.module_from_spec(spec); spec.loader.exec_module(docs)
+    with working_directory(ROOT): sidebar = yaml.safe_load(yaml.safe_dump(docs.sidebar(NBS)))   # what make docs writes
     listed = [Path(p) for p in _sidebar_files(sidebar['website']['sidebar']['contents'])]
-    pages = [Path(p).relative_to(NBS) for p in nbglob(NBS, skip_folder_re=r'(?:^[_.]|^www\$)')]   # as nbdev_sidebar globs
+    pages = [Path(p).relative_to(NBS) for p in nbglob(NBS, skip_folder_re=r'(?:^[_.]|^www\$)')]
     order = sorted(pages, key=lambda p: (p.parent.parts, p.stem != 'index', p.name))   # home first, then by number
     assert listed == order, f'sidebar {[str(p) for p in listed]}\nchapters {[str(p) for p in order]}'
+    assert all((NBS/p).is_file() for p in listed)   # every link is a real notebook
+    sections = [o['section'] for o in sidebar['website']['sidebar']['contents'] if isinstance(o, dict)]
+    assert sections[:4] == ['core', 'cells', 'data', 'learn'], sections   # the layers, in pipeline order
 
 
 def test_images_on_the_pages_resolve_inside_the_site():

@@ -1,12 +1,12 @@
-"""Tests of learn_and_search.metrics, .evaluate and .baselines that need subprocesses, files or real data."""
+"""Tests of learn_and_search.evaluate.metrics, .evaluate and .baselines that need subprocesses, files or real data."""
 import csv, itertools, json, math, os, subprocess, sys
 from pathlib import Path
 import pytest, torch
 
-from learn_and_search.metrics import (chance_sga, relevance, retrieval_chance, retrieval_metrics, sga_hits, sga_rates,
+from learn_and_search.evaluate.metrics import (chance_sga, relevance, retrieval_chance, retrieval_metrics, sga_hits, sga_rates,
                                       gap_ratio, wilson_interval, bootstrap_interval, sga_intervals, query_retrieval,
                                       chance_per_query, category_retrieval, per_category)
-from learn_and_search.baselines import ncc_locate, template_matching_hits, template_sizes
+from learn_and_search.evaluate.baselines import ncc_locate, template_matching_hits, template_sizes
 
 LAS_EVAL = Path(sys.executable).parent / 'las-eval'
 
@@ -128,7 +128,7 @@ def test_las_eval_synthetic(tmp_path):
 
 
 def _cli(argv, capsys):
-    from learn_and_search.evaluate import main
+    from learn_and_search.evaluate.run import main
     try: code = main(argv)
     except SystemExit as e: code = e.code
     return code, capsys.readouterr().err
@@ -159,7 +159,7 @@ def test_las_eval_rejects_bad_flag_values(tmp_path, capsys, flags, message):
 
 def test_las_eval_skip_unreadable_leaves_a_bad_gallery_image_out(tmp_path, capsys):
     "A corrupt gallery image stops las-eval with the hint to --skip-unreadable, which it accepts: left out first, counted"
-    from learn_and_search.synthetic import make_synthetic_coco
+    from learn_and_search.data.synthetic import make_synthetic_coco
     root = make_synthetic_coco(tmp_path / 'coco', n_train=2, n_val=5, image_size=64, seed=0)
     bad = sorted((Path(root) / 'val2017').iterdir())[2]; bad.write_bytes(b'not an image')
     argv = ['--random-init', '--preset', 'model1', '--dim', '32', '--data', str(root), '--image-size', '64', '--query-size', '32',
@@ -242,7 +242,7 @@ def test_category_chance_rates_brute_force():
 
 def test_gallery_disjoint_from_training_folder(tmp_path):
     "Images whose COCO id names a file of the training folder are removed and counted; the rest are all kept"
-    from learn_and_search.gallery import open_gallery, training_ids
+    from learn_and_search.data.gallery import open_gallery, training_ids
     train = tmp_path / 'train'; train.mkdir()
     for name in ('000001000004.jpg', '000000000007.png', 'COCO_train2014_000001000010.jpg', 'cat.jpg'):
         (train / name).write_bytes(b'')
@@ -266,9 +266,9 @@ def test_las_eval_coco(tmp_path):
 
 def test_las_eval_and_the_reproduce_step_report_the_same_numbers(tmp_path, capsys):
     """One checkpoint, the same settings: `las-eval` and `las-reproduce`'s evaluate step choose the same gallery, exclusions
-    and reference images (`evaluate.evaluation_data`), so metrics.json holds the same numbers and the same record"""
-    from learn_and_search.evaluate import main
-    from learn_and_search.reproduce import evaluate_step, train_model
+    and reference images (`evaluate.run.evaluation_data`), so metrics.json holds the same numbers and the same record"""
+    from learn_and_search.evaluate.run import main
+    from learn_and_search.paper.reproduce import evaluate_step, train_model
     # fp32 by name: what this test compares is the two evaluation paths, and 'auto' would train in bf16 on CPUs with
     # native bf16 (one such machine saw a non-finite checkpoint here, which the gradient check now refuses to write)
     ck = train_model(dim=32, image_size=64, query_size=32, steps=2, precision='fp32', out=str(tmp_path/'train'))['checkpoint']
@@ -280,6 +280,6 @@ def test_las_eval_and_the_reproduce_step_report_the_same_numbers(tmp_path, capsy
                 'n_queries', 'hubness', 'baselines'):
         assert step[key] == cli[key], key
     for m in (step, cli): del m['settings']['seconds']   # wall time: the one field that may differ
-    assert step == cli   # one path (`evaluate.run_evaluation`): the whole metrics.json is the same, its source included
+    assert step == cli   # one path (`evaluate.run.run_evaluation`): the whole metrics.json is the same, its source included
     assert step['settings']['reference'] == cli['settings']['reference'] and step['settings']['reference']['n_queries'] > 0
     assert step['gallery']['excluded_from'] == ['synthetic:train2017']

@@ -3,7 +3,7 @@ with one query per scene and with several."""
 import os, tempfile
 import pytest
 import torch, torch.distributed as dist, torch.multiprocessing as mp
-from learn_and_search.loss import AntXentLoss, ant_xent_reference
+from learn_and_search.learn.loss import AntXentLoss, ant_xent_reference
 
 B, D, S = 3, 8, 64   # scenes per rank, embedding size, scene side
 

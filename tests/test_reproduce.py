@@ -3,9 +3,9 @@ determinism of the smoke tables."""
 import json, os, subprocess, sys, tarfile
 from pathlib import Path
 import nbformat, pytest, torch
-from learn_and_search.archive import ARCHIVE_LIMIT
-from learn_and_search.reproduce import GridSpec, build_grid, main
-from learn_and_search.steps import Step, StepFailed, run_grid
+from learn_and_search.paper.archive import ARCHIVE_LIMIT
+from learn_and_search.paper.reproduce import GridSpec, build_grid, main
+from learn_and_search.paper.runner import Step, StepFailed, run_grid
 
 def write_notebook(path, *sources:str, parameters:str|None=None)->Path:
     "A minimal notebook at `path`: a `parameters`-tagged cell (if given), then one code cell per source"
@@ -114,7 +114,7 @@ def test_grid_training_steps_are_resumable(tmp_path):
     assert build_grid(GridSpec('mini', ['model4'], data='synthetic', train_data='synthetic', pairs=5000, runs=tmp_path/'r',
                                figures=tmp_path/'f'))[-1].parameters['command'] \
         == 'las-reproduce --scale mini --models model4 --pairs 5000'
-    from learn_and_search.reproduce import train_model
+    from learn_and_search.paper.reproduce import train_model
     out = tmp_path/'tr'
     first = train_model(dim=32, steps=2, out=str(out))
     again = train_model(dim=32, steps=3, out=str(out))            # resumed: one more step, not three

@@ -1,4 +1,4 @@
-"""Tests of `learn_and_search.index`, `.index_store`, `.search` and `.search_cli`: save/load round trip, approximate recall,
+"""Tests of `learn_and_search.search.layout`, `.index_store`, `.search` and `.search_cli`: save/load round trip, approximate recall,
 group-by-image max, the hubness-reduced score on a planted hub, bad inputs, and the `las-search` CLI end to end on the
 synthetic COCO: one-line errors, bounded memory, umask modes, locks, killed saves, unreadable images (all CPU)."""
 import json, math, os, re, signal, stat, subprocess, sys, time
@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from learn_and_search.hubness import adjust_scores
-from learn_and_search.index import group_max, random_unit_cells, recall_at_k
-from learn_and_search.index_store import index_lock
-from learn_and_search.models import random_init_model
-from learn_and_search.search import IndexFormatError, SearchIndex
-from learn_and_search.search_cli import NUMERIC_FLAGS, main
+from learn_and_search.evaluate.hubness import adjust_scores
+from learn_and_search.search.layout import group_max, random_unit_cells, recall_at_k
+from learn_and_search.search.store import index_lock
+from learn_and_search.learn.models import random_init_model
+from learn_and_search.search.index import IndexFormatError, SearchIndex
+from learn_and_search.search.cli import NUMERIC_FLAGS, main
 
 GRIDS = {'P5': (4, 4), 'P6': (2, 2), 'P7': (1, 1)}   # 21 cells: the default levels of a 128-px scene
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,7 +131,7 @@ def test_bad_inputs_api(tiny_model, tmp_path):
 
 
 def las_search(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, '-m', 'learn_and_search.search_cli', *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, '-m', 'learn_and_search.search.cli', *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
 
 
@@ -275,7 +275,7 @@ def test_query_k_memory_is_bounded_by_the_gallery(built):
     index = SearchIndex.load(out)
     w, h = index.sizes[0]
     def peak_mb(k):
-        code = ("import resource, sys; from learn_and_search.search_cli import main; "
+        code = ("import resource, sys; from learn_and_search.search.cli import main; "
                 f"rc = main(['query', '--index', {str(out)!r}, '--image', {index.paths[0]!r}, '--box', '0,0,{w/2},{h/2}', '-k', '{k}']); "
                 "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
         p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
@@ -305,13 +305,13 @@ def test_invalid_ivf_and_hnsw_parameters_are_refused_at_build_time(tmp_path, cap
 
 
 def test_build_embeds_the_reference_crops_las_eval_cuts(built):
-    "las-search build's reference queries are the crops `gallery.reference_crops` cuts (those las-eval validates on), embedded"
+    "las-search build's reference queries are the crops `data.gallery.reference_crops` cuts (those las-eval validates on), embedded"
     from torch.utils.data import Subset
-    from learn_and_search.data import open_images
-    from learn_and_search.embed import embed_reference
-    import learn_and_search.evaluate as evaluate
-    from learn_and_search.gallery import reference_crops
-    from learn_and_search.search_cli import model_from_source
+    from learn_and_search.data.images import open_images
+    from learn_and_search.search.embed import embed_reference
+    import learn_and_search.evaluate.run as evaluate
+    from learn_and_search.data.gallery import reference_crops
+    from learn_and_search.search.cli import model_from_source
     out, _ = built
     index = SearchIndex.load(out)
     info, images = index.reference_info, Subset(open_images('synthetic', 'train2017'), range(12))   # the build's --limit 12
@@ -355,7 +355,7 @@ def test_box_with_negative_numbers_parses_and_a_bad_box_names_the_flag(built):
 
 def test_index_files_and_folders_follow_the_umask(tmp_path):
     def build_with(mask, name):
-        return subprocess.run([sys.executable, '-m', 'learn_and_search.search_cli', *BUILD, '--out', str(tmp_path / name)],
+        return subprocess.run([sys.executable, '-m', 'learn_and_search.search.cli', *BUILD, '--out', str(tmp_path / name)],
                               capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(mask))
     for mask in (0o022, 0o027):
         p = build_with(mask, f'idx{mask:o}')
@@ -365,7 +365,7 @@ def test_index_files_and_folders_follow_the_umask(tmp_path):
         for f in folder.iterdir(): assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
     index = SearchIndex.load(tmp_path / 'idx22')
     grid = tmp_path / 'grid.png'
-    p = subprocess.run([sys.executable, '-m', 'learn_and_search.search_cli', 'query', '--index', str(tmp_path / 'idx22'), '--image',
+    p = subprocess.run([sys.executable, '-m', 'learn_and_search.search.cli', 'query', '--index', str(tmp_path / 'idx22'), '--image',
                         index.paths[0], '--box', '0,0,10,10', '--grid', str(grid)], capture_output=True, text=True, timeout=300,
                        preexec_fn=lambda: os.umask(0o022))
     assert p.returncode == 0, p.stderr
@@ -377,7 +377,7 @@ def test_a_killed_save_leaves_leftovers_that_the_next_build_removes(tmp_path):
     assert las_search(*BUILD, '--out', out).returncode == 0
     # a save killed (SIGKILL) while writing leaves its hidden temporary folder
     code = f'''if 1:
-        import time, faiss, learn_and_search.search as s
+        import time, faiss, learn_and_search.search.index as s
         idx = s.SearchIndex.load({str(out)!r})
         real = faiss.write_index
         def slow(index, path): real(index, path); print('writing', flush=True); time.sleep(60)
@@ -397,7 +397,7 @@ def test_a_killed_save_leaves_leftovers_that_the_next_build_removes(tmp_path):
 def test_a_second_build_of_the_same_out_is_refused_naming_the_holder(tmp_path):
     out = tmp_path / 'idx'
     holder = subprocess.Popen([sys.executable, '-c', f'''if 1:
-        import time; from learn_and_search.index_store import index_lock
+        import time; from learn_and_search.search.store import index_lock
         index_lock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)'''], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == 'locked'
@@ -436,16 +436,16 @@ def test_library_imports_without_fastcore():
     """The search and training modules import without fastcore (a requirement that only las-train's help texts import, lazily), as on a
     machine with just torch, numpy and faiss, such as the GPU machine `scripts/gpu_run.sh` expects"""
     code = ("import sys; sys.modules['fastcore'] = None; "        # any `import fastcore...` now raises ImportError
-            "import learn_and_search.index, learn_and_search.embed, learn_and_search.index_store, "
-            "learn_and_search.search, learn_and_search.search_cli, learn_and_search.bench_search, "
-            "learn_and_search.train, learn_and_search.train_config, learn_and_search.run_folder")
+            "import learn_and_search.search.layout, learn_and_search.search.embed, learn_and_search.search.store, "
+            "learn_and_search.search.index, learn_and_search.search.cli, learn_and_search.bench.search, "
+            "learn_and_search.learn.train, learn_and_search.learn.config, learn_and_search.learn.run_folder")
     p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
 
 
 def test_build_skip_unreadable_leaves_out_a_coco_entry_whose_file_is_missing(tmp_path):
     "A COCO image record whose file is gone: named without --skip-unreadable, left out and counted with it (as las-train does)"
-    from learn_and_search.synthetic import make_synthetic_coco
+    from learn_and_search.data.synthetic import make_synthetic_coco
     root = make_synthetic_coco(tmp_path / 'coco', n_train=2, n_val=4, image_size=64, seed=0)
     gone = sorted((Path(root) / 'val2017').iterdir())[1]; gone.unlink()
     args = ['build', '--images', root, '--split', 'val2017', '--random-init', '--dim', '32', '--image-size', '64',
@@ -505,7 +505,7 @@ def test_approximate_search_matches_brute_force_in_every_score_mode(kind, params
 def test_a_signal_during_build_stops_it_cleanly(tmp_path, sig, rc, word):
     "SIGTERM or Ctrl-C while embedding: stops within seconds, one line, exit 143 / 130, no index or partial folder left"
     out = tmp_path / 'idx'
-    cmd = [sys.executable, '-m', 'learn_and_search.search_cli', 'build', '--images', 'synthetic', '--split', 'train2017',
+    cmd = [sys.executable, '-m', 'learn_and_search.search.cli', 'build', '--images', 'synthetic', '--split', 'train2017',
            '--random-init', '--preset', 'model1', '--dim', '32', '--image-size', '256', '--batch-size', '2', '--reference', '0',
            '--no-progress', '--out', str(out)]
     # a shell's background job (nohup make test &) ignores SIGINT, and so would the child: give it Ctrl-C back

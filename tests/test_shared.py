@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from learn_and_search.loss import AntXentLoss, ant_xent_reference
-from learn_and_search.models import create_model, load_model, model_fingerprint, random_init_model
-from learn_and_search.train import sample_query_boxes, step_generator
+from learn_and_search.learn.loss import AntXentLoss, ant_xent_reference
+from learn_and_search.learn.models import create_model, load_model, model_fingerprint, random_init_model
+from learn_and_search.learn.train import sample_query_boxes, step_generator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,7 +20,7 @@ def test_loss_of_a_shared_model_matches_the_reference_loop():
     model = create_model('shared', dim=16, levels=('P3', 'P4'), image_size=64, query_size=32).train()
     scenes = torch.rand(3, 3, 64, 64)
     boxes = sample_query_boxes(6, 64, (0.1, 0.25), step_generator(0, 0))        # K = 2 boxes per scene
-    from learn_and_search.augment import crop_queries
+    from learn_and_search.data.crops import crop_queries
     crops = crop_queries(scenes, boxes, 32)
     grads = []
     for fn in (lambda q, g: AntXentLoss()(q, g, boxes, 64).loss, lambda q, g: ant_xent_reference(q, g, boxes, 64)):
@@ -42,7 +42,7 @@ def _run(module, *args):
 def shared_checkpoint(tmp_path_factory):
     "A `--preset model4 --branches shared` model trained 2 steps on synthetic scenes by the las-train CLI"
     out = tmp_path_factory.mktemp('shared') / 'run'
-    _run('learn_and_search.train', '--data', 'synthetic', '--preset', 'model4', '--branches', 'shared', '--image-size', '64',
+    _run('learn_and_search.learn.train', '--data', 'synthetic', '--preset', 'model4', '--branches', 'shared', '--image-size', '64',
          '--query-size', '32', '--dim', '32', '--batch-size', '4', '--queries-per-scene', '2', '--steps', '2',
          '--limit-images', '8', '--workers', '0', '--no-cache', '--out', out)
     return out
@@ -59,7 +59,7 @@ def test_las_train_records_the_branches(shared_checkpoint):
 
 def test_las_eval_on_a_shared_checkpoint(shared_checkpoint, tmp_path):
     ck = shared_checkpoint / 'checkpoints' / 'last.pt'
-    _run('learn_and_search.evaluate', '--checkpoint', ck, '--data', 'synthetic', '--split', 'val2017', '--max-images', '4',
+    _run('learn_and_search.evaluate.run', '--checkpoint', ck, '--data', 'synthetic', '--split', 'val2017', '--max-images', '4',
          '--bootstrap', '100', '--no-baselines', '--out', tmp_path / 'eval')
     m = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())
     assert 0 <= m['sga']['all'] <= 1 and m['riga'] is not None   # the random-init twin (shared too) was evaluated beside it
@@ -67,13 +67,13 @@ def test_las_eval_on_a_shared_checkpoint(shared_checkpoint, tmp_path):
 
 def test_las_search_on_a_shared_checkpoint(shared_checkpoint, tmp_path):
     ck, out = shared_checkpoint / 'checkpoints' / 'last.pt', tmp_path / 'index'
-    _run('learn_and_search.search_cli', 'build', '--images', 'synthetic', '--checkpoint', ck, '--limit', '6', '--out', out,
+    _run('learn_and_search.search.cli', 'build', '--images', 'synthetic', '--checkpoint', ck, '--limit', '6', '--out', out,
          '--no-progress')
-    from learn_and_search.search import SearchIndex
+    from learn_and_search.search.index import SearchIndex
     index = SearchIndex.load(out)
     assert index.model_info['config']['branches'] == 'shared'
     assert index.model_info['fingerprint'] == model_fingerprint(load_model(ck))   # the index names the shared model's weights
     w, h = index.sizes[0]
-    res = json.loads(_run('learn_and_search.search_cli', 'query', '--index', out, '--image', index.paths[0], '--box',
+    res = json.loads(_run('learn_and_search.search.cli', 'query', '--index', out, '--image', index.paths[0], '--box',
                           f'{w * 0.2},{h * 0.2},{w * 0.3},{h * 0.3}', '-k', '3').stdout)
     assert len(res['results']) == 3 and all(len(r['box']) == 4 for r in res['results'])

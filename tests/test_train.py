@@ -15,11 +15,11 @@ def env(**extra):
     return {**e, **extra}
 
 def las_train(*args):
-    "Command line of `las-train` (the console script when installed, else `python -m learn_and_search.train`)"
-    return [sys.executable, '-m', 'learn_and_search.train', *map(str, args)]
+    "Command line of `las-train` (the console script when installed, else `python -m learn_and_search.learn.train`)"
+    return [sys.executable, '-m', 'learn_and_search.learn.train', *map(str, args)]
 
 def weights(run:Path)->dict:
-    from learn_and_search.checkpoint import load_checkpoint
+    from learn_and_search.learn.checkpoint import load_checkpoint
     return load_checkpoint(run/'checkpoints'/'last.pt')
 
 def metric_lines(run:Path)->list:
@@ -95,7 +95,7 @@ def _flat(d, prefix=''):
 # ---- the run folder and one-line errors (issue 12) --------------------------------------------------------------------
 def cli(*args)->tuple:
     "(status, stderr) of `las-train args` run in this process"
-    from learn_and_search.train import main
+    from learn_and_search.learn.train import main
     err = io.StringIO()
     with contextlib.redirect_stderr(err): code = main([str(a) for a in args])
     return code, err.getvalue()
@@ -127,7 +127,7 @@ def test_second_las_train_on_the_same_out_is_refused_naming_the_holder(tmp_path)
 def _coco_with_a_bad_image(tmp_path)->Path:
     "A copy of the synthetic COCO set with its 5th image replaced by garbage"
     import shutil
-    from learn_and_search.synthetic import synthetic_coco
+    from learn_and_search.data.synthetic import synthetic_coco
     root = tmp_path/'coco'; shutil.copytree(synthetic_coco(), root)
     bad = sorted((root/'train2017').iterdir())[4]; bad.write_bytes(b'not a jpeg')
     return root
@@ -189,7 +189,7 @@ def test_resume_without_a_checkpoint_is_an_error_unless_resume_if_exists(tmp_pat
 
 def test_resume_compares_data_folders_after_resolving_them(tmp_path, monkeypatch):
     import shutil
-    from learn_and_search.synthetic import synthetic_coco
+    from learn_and_search.data.synthetic import synthetic_coco
     shutil.copytree(synthetic_coco(), tmp_path/'clean')
     monkeypatch.chdir(tmp_path)
     assert cli(*tiny(tmp_path, '--data', 'clean', '--out', tmp_path/'r'))[0] == 0
@@ -232,7 +232,7 @@ def test_outputs_follow_the_umask_and_old_periodic_checkpoints_are_pruned(tmp_pa
 
 # ---- distributed -----------------------------------------------------------------------------------------------------
 def _tiny_model():
-    from learn_and_search.models import create_model
+    from learn_and_search.learn.models import create_model
     torch.manual_seed(0)
     return create_model('model1', dim=16, levels=('P3', 'P4')).eval()   # eval: BatchNorm uses running statistics
 
@@ -244,7 +244,7 @@ def _model_batch(B=4, S=64, q=32):
 
 def _ddp_worker(rank, world, store, out_dir):
     import torch.distributed as dist
-    from learn_and_search.loss import AntXentLoss
+    from learn_and_search.learn.loss import AntXentLoss
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=world)
     # levels P3, P4 only: P5's output conv and P6/P7 get no gradient, so DDP must be told (as `train` does)
@@ -263,7 +263,7 @@ def test_ddp_model_loss_and_gradients_equal_single_process(tmp_path):
     """2 gloo ranks, each with half of the global batch, give the single-process loss and parameter gradients through DDP
     and the real model (the loss alone on embeddings is pinned in tests/test_loss.py, the one copy of that check)"""
     import torch.multiprocessing as mp
-    from learn_and_search.loss import AntXentLoss
+    from learn_and_search.learn.loss import AntXentLoss
     mp.spawn(_ddp_worker, args=(2, str(tmp_path/'store'), str(tmp_path)), nprocs=2, join=True)
     r = [torch.load(tmp_path/f'rank{i}.pt', weights_only=True) for i in range(2)]
     model = _tiny_model()
@@ -282,7 +282,7 @@ def test_ddp_model_loss_and_gradients_equal_single_process(tmp_path):
 def test_torchrun_two_process_smoke(tmp_path):
     run = tmp_path/'ddp'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           '-m', 'learn_and_search.train', *TINY, '--steps', '2', '--checkpoint-every', '1', '--cache-dir', tmp_path/'cache',
+           '-m', 'learn_and_search.learn.train', *TINY, '--steps', '2', '--checkpoint-every', '1', '--cache-dir', tmp_path/'cache',
            '--out', run]
     p = subprocess.run(list(map(str, cmd)), env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -296,11 +296,11 @@ def test_torchrun_two_process_smoke(tmp_path):
 COCO_ROOT = os.environ.get('COCO_ROOT')
 
 def localization_accuracy(model, images, image_size, query_size, seed=0, n_per_image=4, batch=16)->dict:
-    "Per level: SGA of random crops (`metrics.sga_hits`: the argmax cell's centre inside the crop box) and its chance rate"
-    from learn_and_search.data import random_crop_queries, resize_square
-    from learn_and_search.augment import crop_queries
-    from learn_and_search.metrics import sga_hits, chance_sga
-    from learn_and_search.models import similarity_maps
+    "Per level: SGA of random crops (`evaluate.metrics.sga_hits`: the argmax cell's centre inside the crop box) and its chance rate"
+    from learn_and_search.data.images import random_crop_queries, resize_square
+    from learn_and_search.data.crops import crop_queries
+    from learn_and_search.evaluate.metrics import sga_hits, chance_sga
+    from learn_and_search.learn.models import similarity_maps
     queries = random_crop_queries(images, image_size=image_size, n_per_image=n_per_image, seed=seed)
     boxes = torch.stack([q['box'] for q in queries]).float().view(len(images), n_per_image, 4)   # (N, k, 4)
     hits, chance = {}, {}
@@ -326,10 +326,10 @@ LEARN = dict(image_size=64, query_size=32, batch_size=32, dim=128, levels=["P3",
 @pytest.mark.skipif(not COCO_ROOT, reason='COCO_ROOT is not set (e.g. COCO_ROOT=/work/shared/data/coco-mini)')
 def test_training_on_real_photos_learns_to_localize(tmp_path):
     "A short CPU run on real photos raises held-out localization accuracy >= 3x random init and above chance"
-    from learn_and_search.data import open_images
-    from learn_and_search.train import train
-    from learn_and_search.train_config import TrainConfig
-    from learn_and_search.models import load_model
+    from learn_and_search.data.images import open_images
+    from learn_and_search.learn.train import train
+    from learn_and_search.learn.config import TrainConfig
+    from learn_and_search.learn.models import load_model
     train_data = os.environ.get('COCO_UNLABELED') or str(Path(COCO_ROOT)/'train2017')
     cfg = TrainConfig(data=train_data, out=str(tmp_path/'run'), cache_dir=str(tmp_path/'cache'),
                       **{**LEARN, 'levels': tuple(LEARN['levels'])})
@@ -340,7 +340,7 @@ def test_training_on_real_photos_learns_to_localize(tmp_path):
     val = open_images(COCO_ROOT, split='val2017')
     trained = localization_accuracy(load_model(res['checkpoint']), val, cfg.image_size, cfg.query_size)
     torch.manual_seed(cfg.seed)   # the same initial weights as the run
-    from learn_and_search.models import create_model
+    from learn_and_search.learn.models import create_model
     init = localization_accuracy(create_model(cfg.preset, arch=cfg.arch, dim=cfg.dim, levels=cfg.levels), val,
                                  cfg.image_size, cfg.query_size)
     report = {lvl: dict(trained=round(trained[lvl]['acc'], 3), random_init=round(init[lvl]['acc'], 3),

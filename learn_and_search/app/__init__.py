@@ -1,0 +1,1 @@
+"""app: see nbs/ for the chapters of this layer"""

@@ -1,0 +1,1 @@
+"""bench: see nbs/ for the chapters of this layer"""

@@ -1,0 +1,1 @@
+"""evaluate: see nbs/ for the chapters of this layer"""

@@ -1,0 +1,1 @@
+"""learn: see nbs/ for the chapters of this layer"""

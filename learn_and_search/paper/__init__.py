@@ -1,0 +1,1 @@
+"""paper: see nbs/ for the chapters of this layer"""

@@ -1,0 +1,1 @@
+"""search: see nbs/ for the chapters of this layer"""
