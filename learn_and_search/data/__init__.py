@@ -1,0 +1,1 @@
+"""data: see nbs/ for the chapters of this layer"""
