@@ -20,9 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMON = dict(preset='model4', arch='resnet18', dim=128, image_size=128, query_size=32, batch_size=16, queries_per_scene=16,
               lr=2e-3, precision='fp32', seed=0, device='cpu', workers=0, checkpoint_every=10**9, keep_checkpoints=0, log_every=1)
 # arm name -> the TrainConfig fields it changes from COMMON (today's recipe: model4, its flips of the training image)
-ARMS = {'model4': {}, 'model4, query flips': dict(flip='query'), 'shared': dict(preset='shared'),
+# the shared preset had projection heads until the 'shared' sweep measured them: its arms name the heads, so they stay the same runs
+ARMS = {'model4': {}, 'model4, query flips': dict(flip='query'), 'shared': dict(preset='shared', projection_head=True),
         'model4, lr 1e-3': dict(lr=1e-3), 'model4, lr 4e-3': dict(lr=4e-3), 'model3': dict(preset='model3'),
-        'model2': dict(preset='model2'), 'shared, lr 1e-3': dict(preset='shared', lr=1e-3),
+        'model2': dict(preset='model2'), 'shared, lr 1e-3': dict(preset='shared', projection_head=True, lr=1e-3),
         'shared, no heads, lr 1e-3': dict(preset='shared', projection_head=False, lr=1e-3),
         **{f'K={k} {p}': dict(queries_per_scene=k, precision=p)
            for k, p in [(1, 'fp32'), (4, 'fp32'), (8, 'fp32'), (16, 'fp32'), (8, 'bf16'), (32, 'fp32')]}}
