@@ -13,7 +13,7 @@ for d in coco-unlabeled-256 coco-mini-320; do
   rm -rf "data/$d.tmp"; cp -a "$src/$d" "data/$d.tmp"; rm -rf "data/$d"; mv "data/$d.tmp" "data/$d"
 done
 rm -rf .whl/pycocotools-*.whl
-if grep -q '^from pycocotools\|^import pycocotools' learn_and_search/*.py; then
+if grep -rq --include='*.py' '^from pycocotools\|^import pycocotools' learn_and_search; then
   mkdir -p .whl
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl pycocotools==2.0.11

@@ -7,6 +7,7 @@ from learn_and_search.evaluate.metrics import (chance_sga, relevance, retrieval_
                                       gap_ratio, wilson_interval, bootstrap_interval, sga_intervals, query_retrieval,
                                       chance_per_query, category_retrieval, per_category)
 from learn_and_search.evaluate.baselines import ncc_locate, template_matching_hits, template_sizes
+pytestmark = pytest.mark.slow   # trains, evaluates or runs the command lines: `make test`, not `make check`
 
 LAS_EVAL = Path(sys.executable).parent / 'las-eval'
 

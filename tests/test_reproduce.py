@@ -6,6 +6,8 @@ import nbformat, pytest, torch
 from learn_and_search.paper.archive import ARCHIVE_LIMIT
 from learn_and_search.paper.reproduce import GridSpec, build_grid, main
 from learn_and_search.paper.runner import Step, StepFailed, run_grid
+import pytest
+pytestmark = pytest.mark.slow   # trains, evaluates or runs the command lines: `make test`, not `make check`
 
 def write_notebook(path, *sources:str, parameters:str|None=None)->Path:
     "A minimal notebook at `path`: a `parameters`-tagged cell (if given), then one code cell per source"
@@ -213,7 +215,7 @@ GPU_MISSING = ('papermill', 'nbformat', 'nbclient', 'jupyter_client', 'ipykernel
 
 def _staged_wheels()->set:
     "Packages scripts/gpu_stage.sh carries as wheels (its rule: pycocotools while the package imports it at module level)"
-    src = (Path(__file__).resolve().parent.parent/'learn_and_search').glob('*.py')
+    src = (Path(__file__).resolve().parent.parent/'learn_and_search').rglob('*.py')
     return {'pycocotools'} if any(l.startswith(('from pycocotools', 'import pycocotools'))
                                   for p in src for l in p.read_text().splitlines()) else set()
 

@@ -16,6 +16,7 @@ from learn_and_search.search.store import index_lock
 from learn_and_search.learn.models import random_init_model
 from learn_and_search.search.index import IndexFormatError, SearchIndex
 from learn_and_search.search.cli import NUMERIC_FLAGS, main
+pytestmark = pytest.mark.slow   # trains, evaluates or runs the command lines: `make test`, not `make check`
 
 GRIDS = {'P5': (4, 4), 'P6': (2, 2), 'P7': (1, 1)}   # 21 cells: the default levels of a 128-px scene
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,6 +10,7 @@ import torch
 from learn_and_search.learn.loss import AntXentLoss, ant_xent_reference
 from learn_and_search.learn.models import create_model, load_model, model_fingerprint, random_init_model
 from learn_and_search.learn.train import sample_query_boxes, step_generator
+pytestmark = pytest.mark.slow   # trains, evaluates or runs the command lines: `make test`, not `make check`
 
 ROOT = Path(__file__).resolve().parent.parent
 

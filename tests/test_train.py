@@ -4,6 +4,7 @@ import contextlib, io, json, os, signal, stat, subprocess, sys, time
 from pathlib import Path
 
 import pytest, torch
+pytestmark = pytest.mark.slow   # trains, evaluates or runs the command lines: `make test`, not `make check`
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ['--data', 'synthetic', '--image-size', '64', '--query-size', '32', '--batch-size', '4', '--dim', '32',
