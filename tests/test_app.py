@@ -42,7 +42,7 @@ def served():
 def browser():
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu', '--window-size=1280,1250'):
+    for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu', '--window-size=1280,800'):
         opts.add_argument(a)
     driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=DRIVER))
     yield driver
@@ -149,7 +149,7 @@ def test_controls_answer_at_once_and_everything_fits_one_screen(served, browser)
         text.clear(); text.send_keys('1,1,2,2\n')                                    # a box too small: the error clears the hits
         _, err = status(browser, 'minimum')
         assert err and not browser.find_elements(By.CSS_SELECTOR, '#results figure')
-    finally: browser.set_window_size(1280, 1250)
+    finally: browser.set_window_size(1280, 800)
 
 
 def test_the_keyboard_alone_finds_an_object(served, browser):
