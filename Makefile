@@ -28,7 +28,7 @@ browser:  ## Debian's headless Chromium and its driver, for the browser test of 
 reproduce: install  ## SCALE=smoke|mini|gpu|paper
 	$(VENV)/bin/las-reproduce --scale $(SCALE) $(if $(DATA),--data $(DATA),)
 
-test: install  ## the full suite (CI): every notebook and tests/, about 16 minutes on 2 idle CPU cores (15.5 min, AMD EPYC, AVX2 only)
+test: install  ## the full suite (CI): every notebook and tests/, about 18 minutes on 2 idle CPU cores (17.9 min, AMD EPYC, AVX2 only)
 	$(PY) tests/run_all.py
 
 check: install  ## the fast tier while you work (1.5 min there): notebooks without their slow cells, pytest without slow and browser tests

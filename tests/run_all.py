@@ -1,7 +1,7 @@
 """Run the tests in one of two tiers and end with one `N passed, N failed` line.
 
 - `python tests/run_all.py` (`make test`, what CI runs): every notebook as `nbdev_test --flags slow` runs it, then
-  `pytest tests/`; 15.5 minutes on 2 idle cores of an AMD EPYC with AVX2 only.
+  `pytest tests/`; 17.9 minutes on 2 idle cores of an AMD EPYC with AVX2 only (with the shared data).
 - `python tests/run_all.py --fast` (`make check`): the notebooks without their `#| slow` cells (training, evaluation,
   subprocess and papermill runs) and without the README's (it trains for 3 minutes), then
   `pytest -m "not slow and not browser"`; 1.5 minutes on 2 cores of an AMD EPYC with AVX2 only.
