@@ -128,7 +128,7 @@ def test_bad_inputs_api(tiny_model, tmp_path):
     assert len(idx.search(img, [0, 0, 20, 10], k=5)) == 1                 # fewer images than k: all of them
     loc, top = idx.locate(img, [0, 0, 20, 10], img), idx.search(img, [0, 0, 20, 10])[0]
     assert loc['score'] == pytest.approx(top['score'], abs=1e-4) and loc['box'] == pytest.approx(top['box'], abs=1e-2)
-    assert {l: tuple(m.shape) for l, m in loc['heatmaps'].items()} == {'P5': (2, 2), 'P6': (1, 1), 'P7': (1, 1)}
+    assert {l: tuple(m.shape) for l, m in loc['heatmaps'].items()} == {'P3': (8, 8), 'P4': (4, 4), 'P5': (2, 2)}
 
 
 def las_search(*args, cwd=ROOT):
@@ -148,7 +148,7 @@ def built(tmp_path_factory):
 
 def test_cli_build_and_query_end_to_end(built, tmp_path):
     out, info = built
-    assert info['images'] == 12 and info['levels'] == ['P5', 'P6', 'P7'] and (out / 'meta.json').is_file()
+    assert info['images'] == 12 and info['levels'] == ['P3', 'P4', 'P5'] and (out / 'meta.json').is_file()
     index = SearchIndex.load(out)
     query_image = index.paths[4]
     w, h = index.sizes[4]

@@ -19,9 +19,8 @@ from ..data.images import ImageReadError, load_image
 from ..search.embed import as_image, check_box
 from ..evaluate.hubness import SCORE_MODES
 from ..search.index import SearchIndex
-from ..search.layout import best_levels, default_levels
+from ..search.layout import default_levels, requested_levels
 from ..cells import STRIDES
-from ..learn.models import check_levels
 from ..search.cli import open_index, printable
 from fastcore.basics import patch
 from ..utils import run_cli, script_entry
@@ -293,11 +292,7 @@ def _main(argv:list)->int:
     a = _parser().parse_args(argv)
     if a.images and not a.checkpoint: raise ValueError("--images needs --checkpoint (the model that indexes them)")
     if (a.levels or a.metrics) and not a.images: raise ValueError("--levels and --metrics choose what --images indexes (an --index keeps its own)")
-    levels = check_levels([l for s in a.levels for l in s.split(',') if l]) if a.levels else None
-    if a.metrics and not levels:
-        mp = Path(a.metrics)
-        try: levels = best_levels(json.loads(mp.read_text()))
-        except (OSError, ValueError) as e: raise ValueError(f"--metrics {a.metrics}: {e}") from None
+    levels = requested_levels(a.levels, a.metrics)   # None: the model's scene size decides
     if not 1 <= a.k <= MAX_K: raise ValueError(f"-k must be in [1, {MAX_K}], got {a.k}")
     if not 0 <= a.port <= 65535: raise ValueError(f"--port must be in [0, 65535], got {a.port}")
     device = str(resolve_device(a.device))

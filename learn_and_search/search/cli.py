@@ -15,7 +15,7 @@ from torch.utils.data import Subset
 from ..data.images import ImageReadError, check_image_size, open_checked, open_images
 from .embed import as_image, check_box, embed_query
 from ..evaluate.hubness import SCORE_MODES
-from .layout import DEFAULT_LEVELS, KINDS
+from .layout import KINDS, requested_levels
 from .store import check_index_target, index_lock
 from ..learn.models import load_model, model_fingerprint, random_init_model
 from .index import IndexSpec, SearchIndex
@@ -89,7 +89,9 @@ def _parser()->argparse.ArgumentParser:
     b.add_argument('--dim', type=int, default=256); b.add_argument('--seed', type=int, default=0)
     b.add_argument('--out', required=True, help='index folder to write (locked while building: .NAME.lock beside it)')
     b.add_argument('--overwrite', action='store_true', help='replace an existing index folder')
-    b.add_argument('--levels', nargs='+', default=list(DEFAULT_LEVELS), help='e.g. P5 P6 P7 or P5,P6,P7')
+    b.add_argument('--levels', nargs='+', help='levels to index, e.g. P3 P4 P5 or P3,P4,P5 (default: the best three of '
+                   '--metrics, else by the model\'s scene size: P3-P5 up to 160 px, else P5-P7)')
+    b.add_argument('--metrics', help="las-eval's metrics.json of the --checkpoint: index the three levels it scored best on")
     b.add_argument('--kind', choices=KINDS, default='flat')
     b.add_argument('--image-size', type=int, default=None); b.add_argument('--batch-size', type=int, default=16)
     b.add_argument('--device', default='cpu'); b.add_argument('--workers', type=int, default=0)
@@ -140,7 +142,8 @@ def parse_args(argv:list)->argparse.Namespace:
 def _build(a)->dict:
     out = Path(a.out)
     check_index_target(out, a.overwrite)                         # before any work
-    levels = tuple(l for s in a.levels for l in s.split(',') if l)
+    if a.metrics and a.random_init: raise ValueError("--metrics is the evaluation of a trained --checkpoint, not of --random-init")
+    levels = requested_levels(a.levels, a.metrics)               # None: `default_levels` of the model's scene size
     with index_lock(out):
         device = resolve_device(a.device)
         if a.checkpoint:

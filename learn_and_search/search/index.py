@@ -21,11 +21,11 @@ from .embed import ReadOrReport, SceneCollate, as_image, check_box, embed_cells,
 from ..data.gallery import reference_crops
 from ..evaluate.hubness import SCORE_MODES
 from ..cells import CellLayout, image_scores
-from .layout import (DEFAULT_LEVELS, adjusted_top_k, check_index_params, default_nlist,
+from .layout import (adjusted_top_k, check_index_params, default_levels, default_nlist,
     exact_adjusted_top_k, group_max, make_faiss_index, reference_image_stats)
 from learn_and_search.search.store import (FORMAT, FORMAT_VERSION, IndexFormatError, check_index_file, read_index_meta,
     write_index_folder)
-from ..learn.models import model_fingerprint
+from ..learn.models import check_levels, model_fingerprint
 
 _log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ _SKIP_HINT = "pass --skip-unreadable (skip_unreadable=True) to leave unreadable 
 @dataclass
 class IndexSpec:
     "How `SearchIndex.build` indexes a gallery: levels, FAISS kind and parameters, scene size, reference crops, the run"
-    levels:tuple=DEFAULT_LEVELS    # pyramid levels whose cells are indexed
+    levels:tuple|None=None         # pyramid levels whose cells are indexed; None: `default_levels(image_size)`
     kind:str='flat'                # 'flat' (exact), 'ivf' or 'hnsw'
     nlist:int|None=None            # ivf lists; None: default_nlist(cells in the gallery)
     nprobe:int=16                  # ivf: lists scanned per query
@@ -321,7 +321,7 @@ class IndexSpec:
     skip_unreadable:bool=False     # leave unreadable images out (listed in `index.skipped`) instead of failing
     progress:bool=True             # tqdm progress bar on stderr
     def __post_init__(self):
-        self.levels = tuple(self.levels)
+        if self.levels is not None: self.levels = check_levels(self.levels)
         if self.batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.reference and self.reference < 2: raise ValueError(f"reference must be 0 (none) or >= 2 crops, got {self.reference}")
 
@@ -336,6 +336,7 @@ def _build(cls,
     if n == 0: raise ValueError("the gallery is empty: no images to index")
     image_size = int(s.image_size or getattr(model, 'config', {}).get('image_size', 256))
     check_image_size(image_size)
+    s = replace(s, levels=s.levels or default_levels(image_size))
     device = torch.device(s.device) if s.device else next(model.parameters()).device
     model = model.eval().to(device)
     _, grids = embed_cells(model, torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device), s.levels)
