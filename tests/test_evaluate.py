@@ -269,11 +269,11 @@ def test_las_eval_and_the_reproduce_step_report_the_same_numbers(tmp_path, capsy
     """One checkpoint, the same settings: `las-eval` and `las-reproduce`'s evaluate step choose the same gallery, exclusions
     and reference images (`evaluate.run.evaluation_data`), so metrics.json holds the same numbers and the same record"""
     from learn_and_search.evaluate.run import main
-    from learn_and_search.paper.reproduce import evaluate_step, train_model
+    from learn_and_search.paper.notebooks import EvaluateNotebook, TrainNotebook
     # fp32 by name: what this test compares is the two evaluation paths, and 'auto' would train in bf16 on CPUs with
     # native bf16 (one such machine saw a non-finite checkpoint here, which the gradient check now refuses to write)
-    ck = train_model(dim=32, image_size=64, query_size=32, steps=2, precision='fp32', out=str(tmp_path/'train'))['checkpoint']
-    evaluate_step(ck, 'synthetic', 'val2017', 64, 32, max_images=6, n_examples=1, n_queries=1, k=5, out=str(tmp_path/'step'))
+    ck = TrainNotebook(dim=32, image_size=64, query_size=32, steps=2, precision='fp32', out=str(tmp_path/'train')).run()['checkpoint']
+    EvaluateNotebook(ck, max_images=6, n_examples=1, n_queries=1, k=5, out=str(tmp_path/'step')).run()
     assert main(['--checkpoint', ck, '--data', 'synthetic', '--split', 'val2017', '--max-images', '6',
                  '--out', str(tmp_path/'cli')]) == 0
     step, cli = (json.loads((tmp_path/d/'metrics.json').read_text()) for d in ('step', 'cli'))

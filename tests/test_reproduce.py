@@ -109,17 +109,17 @@ def test_an_interrupted_resumable_step_continues_and_others_start_over(tmp_path,
     assert Path(out + '.calls').read_text().split()[-1] == '0' and Path(out).read_text() == '0 1 2 3 4'
 
 def test_grid_training_steps_are_resumable(tmp_path):
-    "Every train step of a grid resumes; train_model continues an out folder's last.pt (resume_if_exists)"
+    "Every train step of a grid resumes; TrainNotebook continues an out folder's last.pt (resume_if_exists)"
     steps = build_grid(GridSpec('smoke', tiny=True, runs=tmp_path/'runs', figures=tmp_path/'fig'))
     assert {s.name: s.resumable for s in steps} == {s.name: s.name.startswith('train-') for s in steps}
     assert steps[-1].parameters['command'] == 'las-reproduce --scale smoke'           # what the README names
     assert build_grid(GridSpec('mini', ['model4'], data='synthetic', train_data='synthetic', pairs=5000, runs=tmp_path/'r',
                                figures=tmp_path/'f'))[-1].parameters['command'] \
         == 'las-reproduce --scale mini --models model4 --pairs 5000'
-    from learn_and_search.paper.reproduce import train_model
+    from learn_and_search.paper.notebooks import TrainNotebook
     out = tmp_path/'tr'
-    first = train_model(dim=32, steps=2, out=str(out))
-    again = train_model(dim=32, steps=3, out=str(out))            # resumed: one more step, not three
+    first = TrainNotebook(dim=32, steps=2, out=str(out)).run()
+    again = TrainNotebook(dim=32, steps=3, out=str(out)).run()    # resumed: one more step, not three
     assert (first['step'], again['step']) == (2, 3)
     assert [json.loads(l)['step'] for l in (out/'metrics.jsonl').read_text().splitlines()] == [1, 2, 3]
 

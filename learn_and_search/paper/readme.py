@@ -5,6 +5,7 @@
 # %% ../../nbs/6_paper/07_readme.ipynb #rs000003
 from __future__ import annotations
 import json, os
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd
 from .curves import curve_markdown_frame, curve_table, pairs_seen, plot_sga_vs_pairs, read_curves
@@ -17,7 +18,8 @@ from .targets import target_markdown_frame, target_pairs, target_rows
 from ..utils import atomic_write, frame_markdown
 
 # %% auto #0
-__all__ = ['PAPER_CLAIMS', 'headline', 'verdict', 'readme_text', 'read_run', 'run_tables', 'results_readme', 'render_run']
+__all__ = ['PAPER_CLAIMS', 'headline', 'verdict', 'readme_text', 'read_run', 'run_tables', 'RunSetup', 'results_readme',
+           'render_run']
 
 # %% ../../nbs/6_paper/07_readme.ipynb #ba1aec69
 PAPER_CLAIMS = {'sga': 0.84, 'top10': 0.71}   # "SGA up to 84%", "top-10 accuracy up to 71%" (arXiv 2403.07231)
@@ -122,17 +124,29 @@ def run_tables(metrics:dict, logs:dict={})->dict:   # model name -> `evaluate` m
                 loss=(loss_table(metrics, logs), None))
 
 # %% ../../nbs/6_paper/07_readme.ipynb #fce3bc2f
-def results_readme(run:dict,       # from `read_run`
-                   tables:dict,    # from `run_tables`
-                   figures:list,   # file names of the figures written
-                   grid:str,       # scale name, for titles
-                   about:str,      # one line on the scale
-                   command:str,    # the command that regenerates the folder (Markdown)
-                   data:str, split:str, seed:int, k:int=10,
-                   paper_scale:bool=False,  # the full-length scale: no "short run" note
-                   targets:dict|None=None,  # the scale's targets (`paper.targets.target_rows`), checked in their own section
+@dataclass
+class RunSetup:
+    "How a folder of results was made, as its README states it: the scale, the command, the evaluation data, seed, k, targets"
+    grid:str                   # scale name, for titles
+    about:str                  # one line on the scale
+    command:str                # the command that regenerates the folder (Markdown)
+    data:str                   # the evaluation images (the top-k grids reload their pixels)
+    split:str                  # their COCO split(s)
+    seed:int = 0
+    k:int = 10                 # results per query in the top-k grids
+    paper_scale:bool = False   # the full-length scale: no "short run" note
+    targets:dict|None = None   # the scale's targets (`paper.targets.target_rows`), checked in their own section
+
+
+# %% ../../nbs/6_paper/07_readme.ipynb #rsetupfn
+def results_readme(run:dict,        # from `read_run`
+                   tables:dict,     # from `run_tables`
+                   figures:list,    # file names of the figures written
+                   setup:RunSetup,  # how the run was made
                   )->str:
     "The README of a folder of results: setup, then each paper claim beside our table and figures"
+    grid, about, command, data, split, seed, k, paper_scale = (setup.grid, setup.about, setup.command, setup.data, setup.split,
+                                                               setup.seed, setup.k, setup.paper_scale)
     models, metrics, logs, configs, records = list(run['metrics']), run['metrics'], run['logs'], run['configs'], run['records']
     first, cfg = metrics[models[0]], configs[models[0]]
     G, src = first['gallery_size'], first.get('source') or {}
@@ -219,12 +233,10 @@ def _target_models(v)->set: return {v} if isinstance(v, str) else {m for m, _ in
 
 def render_run(run:dict,            # from `read_run`
                out,                 # folder for tables, figures and README.md
-               grid:str, about:str, command:str,  # scale name, one line on it, the command that regenerates it
-               data:str, split:str, # the evaluation images (the top-k grids reload their pixels)
-               seed:int=0, k:int=10, paper_scale:bool=False,
-               targets:dict|None=None,  # the scale's targets, checked in the README (`paper.targets.target_rows`)
+               setup:RunSetup,      # how the run was made (its targets are checked in the README)
               )->Path:              # out/README.md
     "Every table, figure and the README of a run folder, from its saved data alone (no model)"
+    grid, data, k, targets = setup.grid, setup.data, setup.k, setup.targets
     out, models, metrics, logs = Path(out), list(run['metrics']), run['metrics'], run['logs']
     tables = run_tables(metrics, logs)
     if targets:
@@ -258,5 +270,5 @@ def render_run(run:dict,            # from `read_run`
             tk = load_topk(ev/'topk.json', data, run['configs'][m]['query_size'])
             written += save_figure(plot_topk(tk, f"Top-{k} retrieval, {m} ({grid}, gallery of {G} images; green ✓ = holds "
                                    "the query's category)"), out/f'top{k}_{m}', palette=True)
-    text = results_readme(run, tables, [p.name for p in written], grid, about, command, data, split, seed, k, paper_scale, targets)
+    text = results_readme(run, tables, [p.name for p in written], setup)
     return atomic_write(out/'README.md', text)

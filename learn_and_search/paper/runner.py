@@ -23,7 +23,7 @@ class Step:
     parameters:dict                           # injected after the cell tagged `parameters`
     outputs:list = field(default_factory=list) # files the run must write
     after:list = field(default_factory=list)   # names of the steps it reads from
-    function:object = None                     # the library function the notebook calls: 'module:name' or a callable
+    function:object = None                     # the notebook's work in Python: 'module:name' or a callable; a class is made from the parameters and its `run()` called
     resumable:bool = False                     # an interrupted run continues from its outputs (training: last.pt)
 
 # %% ../../nbs/6_paper/00_runner.ipynb #8fe93a56
@@ -122,7 +122,9 @@ def _execute_python(step:Step, run_dir:Path, echo:bool=False)->Path:
     running, failed = run_dir/f'{step.name}.running.log', run_dir/f'{step.name}.failed.log'
     with open(running, 'w') as f, contextlib.redirect_stdout(_Tee(f, sys.stdout, echo)), \
          contextlib.redirect_stderr(_Tee(f, sys.stderr, echo)):
-        try: fn(**step.parameters)
+        try:
+            work = fn(**step.parameters)
+            if isinstance(fn, type): work.run()   # a `paper.notebooks` dataclass
         except Exception as e:
             traceback.print_exc(file=f)
             err = e
