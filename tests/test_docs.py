@@ -2,7 +2,8 @@
 
 nbdev's docs pass runs on every notebook as `make docs` runs it: nbdev's processors, and the cells its `exec_show_docs`
 executes (exported cells, `show_doc`s, and every other cell holding an import anywhere in it). No cell may fail, and no
-executed cell may hold other code beside its imports (test code there runs without the cells before it). Then what
+executed cell may hold other code beside its imports (test code there runs without the cells before it), and every
+figure cell (`#| exec_doc`: drawn when the site is built, so a page's figures are never stale) draws its figure. Then what
 Quarto reads: nbdev.yml and _quarto.yml parse, no two notebooks name one page, styles.css is there, the sidebar lists
 every chapter once in file order, and the images the pages show resolve inside nbs/ (the site's source).
 
@@ -52,6 +53,8 @@ def docs_pass(nbs:Path)->list:
                 exc = self.k.exc
                 rec['failed'].append({**where, 'error': f'{type(exc).__name__}: {str(exc)[:300]}'})
                 self.k.exc = None
+            if runs and 'exec_doc' in cell.directives_:   # a figure cell: the page shows what it drew
+                rec['figures'].append({**where, 'image': any('image/png' in o.get('data', {}) for o in cell.get('outputs') or [])})
 
     class docs_filter(P.FilterDefaults):
         def base_procs(self): return [recording_exec if p is P.exec_show_docs else p for p in super().base_procs()]
@@ -60,7 +63,7 @@ def docs_pass(nbs:Path)->list:
     records = []
     for path in sorted(nbglob(nbs, as_path=True)):
         path, t0 = Path(path), time.time()
-        rec = dict(notebook=str(path.relative_to(nbs)), page=None, failed=[], mixed=[])
+        rec = dict(notebook=str(path.relative_to(nbs)), page=None, failed=[], mixed=[], figures=[])
         nb = read_nb(path)
         try: docs_filter()(nb)
         except Exception as e: rec['failed'].append(dict(cell=None, line=None, error=f'{type(e).__name__}: {str(e)[:300]}'))
@@ -112,6 +115,16 @@ def test_every_exported_function_and_class_has_its_documentation(passed):
         missing += [f"{r['notebook']}: {n}" for n in names if n not in r['shown']]
     assert any(r['shown'] for r in passed), 'no show_doc cell at all: the docs pass no longer adds them'
     assert not missing, f"exported but not documented on its page ({len(missing)}): " + ', '.join(missing)
+
+
+FIGURE_CHAPTERS = ('1_cells/00_cells.ipynb', '3_learn/00_augment.ipynb', '6_paper/04_plots.ipynb')   # explained by a picture
+
+def test_figure_cells_draw_their_figure(passed):
+    "Every `#| exec_doc` cell draws its figure in the docs pass (so the page shows it), and the chapters a picture explains have one"
+    figures = {r['notebook']: r['figures'] for r in passed}
+    blank = [f"{nb} cell {f['cell']} ({f['line']!r})" for nb, fs in figures.items() for f in fs if not f['image']]
+    assert not blank, "these figure cells drew nothing in the docs pass:\n" + '\n'.join(blank)
+    assert all(figures.get(nb) for nb in FIGURE_CHAPTERS), {nb: figures.get(nb) for nb in FIGURE_CHAPTERS}
 
 
 def test_one_page_per_notebook(passed):
