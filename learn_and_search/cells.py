@@ -71,6 +71,7 @@ def cells_hit(cells:Tensor,        # (..., 4) cell corners x0, y0, x1, y1
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     return (cx >= bx) & (cx <= bx + bw) & (cy >= by) & (cy <= by + bh)
 
+# %% ../nbs/1_cells/00_cells.ipynb #44ae72b2
 def cells_in_boxes(boxes:Tensor,      # (B, 4) xywh in scene pixels
                    grid_hw:tuple,     # (H, W)
                    image_size:float,  # S
@@ -146,6 +147,7 @@ class CellLayout:
 
     def __repr__(self): return f"CellLayout({self.grids}, image_size={self.image_size})"
 
+# %% ../nbs/1_cells/00_cells.ipynb #027518f6
 @functools.lru_cache(maxsize=64)
 def _cell_layout(grids:tuple, image_size:float, device:str, dtype:torch.dtype)->CellLayout:
     return CellLayout(dict(grids), image_size, device, dtype)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/0_core/00_utils.ipynb #f9407c2c
 from __future__ import annotations
-import contextlib, errno, fcntl, hashlib, json, math, os, pickle, platform, re, shutil, signal, socket, sys, tempfile, threading, time
+import argparse, contextlib, errno, fcntl, hashlib, json, math, os, pickle, platform, re, shutil, signal, socket, sys, tempfile, threading, time
 from pathlib import Path
 import torch
 
@@ -13,7 +13,7 @@ __all__ = ['PRECISIONS', 'EXPECTED_ERRORS', 'current_umask', 'file_mode', 'dir_m
            'atomic_write_json', 'atomic_folder', 'remove_folder_leftovers', 'sha256_file', 'is_int', 'format_cell',
            'markdown_table', 'frame_markdown', 'describe_machine', 'resolve_device', 'native_bf16_cpu',
            'resolve_precision', 'draw_box', 'RunLockedError', 'RunLock', 'error_line', 'Terminated', 'run_cli',
-           'script_entry']
+           'script_entry', 'optional', 'yes_no', 'field_comments', 'add_field_flags']
 
 # %% ../nbs/0_core/00_utils.ipynb #241817c7
 def current_umask()->int:
@@ -31,6 +31,7 @@ def fsync_dir(folder):
     try: os.fsync(fd)
     finally: os.close(fd)
 
+# %% ../nbs/0_core/00_utils.ipynb #633ea09f
 @contextlib.contextmanager
 def atomic_path(path,               # final file
                 durable:bool=True,  # fsync the file and its folder
@@ -241,6 +242,7 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum, frame): raise Terminated()
 
+# %% ../nbs/0_core/00_utils.ipynb #ec5298d9
 def run_cli(prog:str,         # command name for messages, e.g. 'las-train'
             main,             # main(argv:list) -> exit status or None
             argv:list|None=None,  # arguments (default: sys.argv[1:]); '--debug' anywhere shows tracebacks
@@ -269,3 +271,54 @@ def script_entry(module_name:str, main):
     import builtins
     in_notebook = getattr(builtins, '__IPYTHON__', False) or any(m in sys.modules for m in ('ipykernel', 'execnb'))
     if module_name == '__main__' and not in_notebook: sys.exit(main())
+
+# %% ../nbs/0_core/00_utils.ipynb #13b5dbbf
+def optional(kind):
+    "An argparse type: 'none', 'null' or '' is None, anything else `kind(text)` (argparse names `kind` in its errors)"
+    def parse(text): return None if str(text).lower() in ('none', 'null', '') else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+def yes_no(text:str)->bool:
+    "'true'/'yes'/'1' or 'false'/'no'/'0' as a bool (an argparse type)"
+    v = str(text).lower()
+    if v not in ('true', 'yes', '1', 'false', 'no', '0'): raise ValueError(text)   # argparse names the flag and the value
+    return v in ('true', 'yes', '1')
+yes_no.__name__ = 'bool'
+
+# %% ../nbs/0_core/00_utils.ipynb #1a19c8f5
+def field_comments(cls)->dict:
+    "The comment after each field of the dataclass `cls` ({} without fastcore, or where the source cannot be read)"
+    try:
+        from fastcore.docments import docments
+        return {k: v for k, v in docments(cls).items() if v}
+    except (ImportError, OSError, TypeError): return {}
+
+_FIELD_TYPES = {'int': int, 'float': float, 'str': str, 'object': str, 'bool': yes_no}
+
+def add_field_flags(parser,                 # an argparse parser or argument group
+                    cls,                    # a dataclass whose fields become flags
+                    names=None,             # the fields to add, in this order; None: every field
+                    flags:dict={},          # field -> flag where it is not --field-name
+                    defaults:dict={},       # field -> the command's default where it is not the field's
+                    helps:dict={},          # field -> help where it is not the field's comment
+                    options:dict={},        # field -> further `add_argument` keywords (nargs, choices, metavar, type)
+                    suppress:bool=False,    # leave unset flags out of the namespace (a config file fills them)
+                   ):
+    "One flag per field of `cls`, its type from the annotation, its default and help from the field; the namespace keeps the field names"
+    from dataclasses import MISSING, fields
+    comments, by_name = field_comments(cls), {f.name: f for f in fields(cls)}
+    for name in names or list(by_name):
+        f = by_name[name]
+        default = defaults.get(name, f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING else None)
+        text = f"{helps.get(name, comments.get(name, ''))} (default: {default!r})".strip().replace('%', '%%')   # argparse %-formats
+        kw = dict(dest=name, default=argparse.SUPPRESS if suppress else default, help=text)
+        kind, flag = str(f.type).replace(' ', ''), flags.get(name, '--' + name.replace('_', '-'))
+        if kind == 'bool' and 'type' not in options.get(name, {}): kw['action'] = argparse.BooleanOptionalAction
+        else:
+            if 'choices' not in options.get(name, {}): kw['metavar'] = flag.lstrip('-').replace('-', '_').upper()   # also where it renames
+            if kind.removesuffix('|None') in _FIELD_TYPES:
+                base = _FIELD_TYPES[kind.removesuffix('|None')]
+                kw['type'] = optional(base) if kind.endswith('|None') else base
+        parser.add_argument(flag, **{**kw, **options.get(name, {})})
+    return parser

@@ -166,6 +166,7 @@ def _json_body(environ, limit:int=2**20)->dict:
     if not isinstance(body, dict): raise _Reply('400 Bad Request', "request must be a JSON object")
     return body
 
+# %% ../../nbs/7_app/00_server.ipynb #d0177f6b
 def _route(app:LookupApp, environ)->tuple:   # (status, content type, body bytes)
     method, path = environ['REQUEST_METHOD'], environ.get('PATH_INFO') or '/'
     q = {k: v[-1] for k, v in parse_qs(environ.get('QUERY_STRING', '')).items()}
@@ -231,6 +232,7 @@ def make_app(index,                        # a `SearchIndex` with its model atta
     if not isinstance(index, SearchIndex): index = open_index(index, checkpoint, device)
     return LookupApp(index, k)
 
+# %% ../../nbs/7_app/00_server.ipynb #df693bc3
 def _index_for_images(checkpoint:str, images:str, split:str, device:str, progress:bool,
                       levels:tuple|None=None)->SearchIndex:   # None: `default_levels` of the model's scene size
     "The index of `images` by `checkpoint` at `levels`: built once (with a progress bar) into the cache, reused while all are unchanged"

@@ -155,6 +155,7 @@ def _parser():
     p.add_argument('--seed', type=int, default=0)
     return p
 
+# %% ../../nbs/8_bench/02_search.ipynb #ace0aa93
 def benchmark(argv:list=None)->str:  # the Markdown table
     "Run the search benchmark and print a Markdown table"
     a = _parser().parse_args(argv)

@@ -104,6 +104,7 @@ class Gallery(Dataset):
         "What the gallery is made of, for metrics.json"
         return dict(size=len(self), parts=self.parts, removed_training=self.removed_training, duplicates=self.duplicates)
 
+# %% ../../nbs/2_data/05_gallery.ipynb #8ba58cbe
 def open_gallery(parts:list,                 # [(data, split)]: 'synthetic' or a COCO root (or folder), and its split
                  exclude_ids:set=frozenset(),
                  skip_unreadable:bool=False,

@@ -139,6 +139,7 @@ def _check_image_record(im, path):
     for k in ('width', 'height', 'original_width', 'original_height'):
         if k in im: _check(_is_num(im[k]) and im[k] > 0, path, 'image', im, k, 'a positive number')
 
+# %% ../../nbs/2_data/00_images.ipynb #46fd2863
 def load_coco(path)->COCO:
     "Read and check a COCO instances JSON; any problem is one `ValueError` naming `path` and what is wrong"
     try: d = json.loads(Path(path).read_bytes())
@@ -183,6 +184,7 @@ def check_image_side(path, width:int, height:int, # the file, and its size in px
     if min(width, height) < min_side:
         raise ImageReadError(f'{path}: image is {width}x{height} px, too small to use (the shorter side must be at least {min_side} px)')
 
+# %% ../../nbs/2_data/00_images.ipynb #fddbeea2
 class _Images(Dataset):
     "Shared `__getitem__` with the `skip_unreadable` policy; subclasses set `root`, `ids`, `paths` and define `item(i)`"
     def _init_skip(self, skip_unreadable, min_side=1):

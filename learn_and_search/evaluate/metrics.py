@@ -80,6 +80,7 @@ def wilson_interval(k:int,            # successes
 
 MAX_BOOTSTRAP = 100_000   # resamples: beyond, the interval's Monte Carlo error no longer shrinks visibly but the time does not stop growing
 
+# %% ../../nbs/4_evaluate/00_metrics.ipynb #faaf8c6a
 def bootstrap_interval(values:Tensor,     # (B,) per-query values (hits as 0/1)
                        groups:Tensor,     # (B,) cluster of each query (its image); clusters are resampled whole
                        level:float=0.95,  # coverage

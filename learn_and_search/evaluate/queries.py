@@ -76,6 +76,7 @@ class ObjectQueries:
     crops: Tensor      # uint8 (Q, 3, q, q)
     relevant: Tensor|None = None   # Bool (Q, G), set once the gallery's categories are known
 
+# %% ../../nbs/4_evaluate/04_queries.ipynb #ccf95658
 def _scenes(images, idx:list, image_size:int)->tuple:   # -> (uint8 (B, 3, S, S), items)
     items = [images[i] for i in idx]
     return torch.stack([resize_square(it['image'], image_size) for it in items]), items
@@ -94,7 +95,6 @@ def object_crops(gallery:Gallery, n:int, image_size:int, query_size:int, batch_s
         local = torch.tensor([idx.index(i) for i in index[sel].tolist()])
         crops[sel] = to_uint8(crop_queries(scenes[local], boxes[sel], query_size))
     return ObjectQueries(index, boxes, torch.tensor([int(q['category_id']) for q in obj]), crops)
-
 
 # %% ../../nbs/4_evaluate/04_queries.ipynb #64b90c38
 @dataclass

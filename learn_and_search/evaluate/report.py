@@ -67,6 +67,7 @@ def retrieval_figures(scores:Tensor,              # (Q, G) image scores of one m
     out['hubness'] = hub
     return out
 
+# %% ../../nbs/4_evaluate/06_report.ipynb #02ee0348
 def chance_figures(obj:ObjectQueries, ks:tuple=(1, 5, 10), person:int|None=None)->dict:
     "Exact chance values of `retrieval_figures` (a uniformly random ranking)"
     out = retrieval_chance(obj.index, obj.relevant, ks)
@@ -103,6 +104,7 @@ class RunInfo:
     n_boot: int = 2000
     seed: int = 0
 
+# %% ../../nbs/4_evaluate/06_report.ipynb #35db9c74
 def _method(t:MethodTally, q:RunQueries, info:RunInfo, extra_scores=None)->dict:
     "All figures of one method"
     out = sga_figures(t, q.loc, info.n_boot, info.seed)
@@ -169,6 +171,7 @@ def _rows(method, kind, index, boxes, hits, best, levels, gallery, image_size):
                         best_score=round(float(best['score'][i]), 5)))
     return out
 
+# %% ../../nbs/4_evaluate/06_report.ipynb #5dafca6e
 def per_query_rows(tallies:dict, q:RunQueries, gallery:Gallery, protocols:list, names:dict, image_size:int)->list:
     "One dict per (method, query) with the columns of `per_query_columns`"
     rows = []
@@ -237,6 +240,7 @@ def _row_label(c:str)->str:   # a `retrieval_frame` column as a row of the retri
     return {'top-1% share of top-10': 'top-10 slots of the most-returned 1% (k-occurrence)',
             'max k-occurrence': 'max k-occurrence (top-10)'}.get(c, c.replace(', no person', ' without person'))
 
+# %% ../../nbs/4_evaluate/06_report.ipynb #00014d7e
 def _retrieval_table(m:dict, rf:pd.DataFrame)->str:   # rf: `retrieval_frame(m)`
     G, nq, g = m['gallery_size'], m.get('n_queries') or {}, m.get('gallery') or {}
     by_max = rf[rf.index.get_level_values('score').isin(('max', '–'))].droplevel('score')
@@ -268,6 +272,7 @@ def _category_table(m:dict)->str:
     return (f"\n### P@10 of the {len(table)} most frequent query categories\n\nGallery of {m['gallery_size']} images.\n\n"
             + frame_markdown(table))
 
+# %% ../../nbs/4_evaluate/06_report.ipynb #897cf14a
 def metrics_markdown(m:dict)->str:   # result of `evaluate`
     "Markdown tables of `evaluate`'s metrics, baselines beside each figure"
     out = [_localization_table(m)]

@@ -21,11 +21,11 @@ from .hubness import reference_stats, select_score_mode
 from ..learn.loss import AntXentLoss
 from .metrics import MAX_BOOTSTRAP, relevance
 from ..learn.models import load_model, model_fingerprint, random_init_model
-from ..utils import atomic_write, describe_machine, resolve_device, run_cli, script_entry
+from ..utils import add_field_flags, atomic_write, describe_machine, resolve_device, run_cli, script_entry
 
 # %% auto #0
-__all__ = ['EvalSettings', 'evaluate', 'select_image_score', 'EvalSpec', 'EvalData', 'evaluation_data', 'record_evaluation_data',
-           'EvalRun', 'write_outputs', 'run_evaluation', 'main']
+__all__ = ['EVAL_FIELDS', 'EvalSettings', 'evaluate', 'select_image_score', 'EvalSpec', 'EvalData', 'evaluation_data',
+           'record_evaluation_data', 'EvalRun', 'write_outputs', 'run_evaluation', 'main']
 
 # %% ../../nbs/4_evaluate/07_run.ipynb #83702ba1
 @dataclass
@@ -64,6 +64,7 @@ class EvalSettings:
         return replace(self, image_size=self.image_size or int(cfg.get('image_size') or 256),
                        query_size=self.query_size or int(cfg.get('query_size') or 64))
 
+# %% ../../nbs/4_evaluate/07_run.ipynb #2ae85315
 def _person_id(names:dict)->int|None: return next((i for i, n in names.items() if n == 'person'), None)
 
 def _twin_key(twin, gallery:Gallery, n:int, q:RunQueries, cfg:PassConfig, temperature:float)->str:
@@ -204,6 +205,7 @@ class EvalData:
     reference: object|None                        # image set of the reference queries, or None
     record: dict                                  # gallery exclusions and reference source
 
+# %% ../../nbs/4_evaluate/07_run.ipynb #828c8e47
 def evaluation_data(spec:EvalSpec,
                     config:dict|None,             # the evaluated model's config (its training `data` and `split`); None: untrained
                    )->EvalData:
@@ -255,6 +257,7 @@ def write_outputs(out, files:dict):   # folder; file name -> text
         if made and not any(out.iterdir()): out.rmdir()
         raise
 
+# %% ../../nbs/4_evaluate/07_run.ipynb #049b4f52
 def run_evaluation(spec:EvalSpec,
                    out=None,          # folder for metrics.json, metrics.md and the CSVs; None: nothing written
                   )->EvalRun:
@@ -290,6 +293,10 @@ def _source(text:str)->tuple:       # 'PATH[:SPLIT]' -> (PATH, SPLIT or None)
     root, sep, split = text.rpartition(':')
     return (root, split) if sep and root and split and '/' not in split else (text, None)
 
+# the `EvalSettings` fields `las-eval` sets by flag (`progress` follows the terminal)
+EVAL_FIELDS = ('seed', 'image_size', 'query_size', 'queries', 'max_images', 'queries_per_image', 'batch_size', 'n_reference',
+               'n_boot', 'device', 'baselines', 'per_query')
+
 def _parser()->argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='las-eval', description='Zero-shot evaluation of a Learn and Search model')
     src = p.add_mutually_exclusive_group(required=True)
@@ -307,25 +314,17 @@ def _parser()->argparse.ArgumentParser:
     p.add_argument('--no-exclude-training', action='store_true', help="do not remove the checkpoint's training images")
     p.add_argument('--reference-data', help="images for the hubness reference queries (default: the training data)")
     p.add_argument('--reference-split', help='split of --reference-data (default: the training split, else train2017)')
-    p.add_argument('--reference-queries', type=int, default=256, help='reference queries (0: no hubness-reduced scores)')
     p.add_argument('--validation', action='append', type=_root_split, default=[], metavar='ROOT:SPLIT',
                    help='labelled images (minus the gallery) on which to choose the image score (repeatable)')
     p.add_argument('--out', default='runs/eval', help='output folder for metrics.json, metrics.md, per_category.csv')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--image-size', type=int, help='scene side S (default: checkpoint config, else 256)')
-    p.add_argument('--query-size', type=int, help='query side q in [8, S] (default: checkpoint config, else 64)')
-    p.add_argument('--queries', choices=QUERY_PROTOCOLS, default='both', help='SGA protocol(s)')
-    p.add_argument('--max-images', type=int, help='evaluate on the first N gallery images only')
-    p.add_argument('--queries-per-image', type=int, default=8, help='random-crop SGA queries per image')
-    p.add_argument('--batch-size', type=int, default=16)
-    p.add_argument('--bootstrap', type=int, default=2000, help='bootstrap resamples of the SGA intervals (>= 100)')
-    p.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument('--no-baselines', action='store_true', help='skip template matching, histograms, ImageNet features')
-    p.add_argument('--per-query', action='store_true', help='also write per_query.csv (one row per query)')
+    add_field_flags(p, EvalSettings, EVAL_FIELDS, flags={'n_reference': '--reference-queries', 'n_boot': '--bootstrap'},
+                    defaults={'device': 'auto'}, options={'queries': dict(choices=QUERY_PROTOCOLS)},
+                    helps={'device': "'auto', 'cpu', 'cuda', 'cuda:1', ...", 'per_query': 'also write per_query.csv (one row per query)'})
     p.add_argument('--skip-unreadable', action='store_true',
                    help='leave unreadable gallery images out (decoded first, counted in metrics.json) instead of failing')
     return p
 
+# %% ../../nbs/4_evaluate/07_run.ipynb #dc8ae559
 def _check_flags(a):
     "One-line ValueError for the first bad numeric flag"
     def need(ok, flag, v, why):
@@ -333,8 +332,8 @@ def _check_flags(a):
     need(a.max_images is None or a.max_images >= 1, '--max-images', a.max_images, 'must be >= 1')
     need(a.queries_per_image >= 1, '--queries-per-image', a.queries_per_image, 'must be >= 1')
     need(a.batch_size >= 1, '--batch-size', a.batch_size, 'must be >= 1')
-    need(100 <= a.bootstrap <= MAX_BOOTSTRAP, '--bootstrap', a.bootstrap, f'must be in [100, {MAX_BOOTSTRAP:,}]')
-    need(a.reference_queries == 0 or a.reference_queries >= 2, '--reference-queries', a.reference_queries, 'must be 0 (none) or >= 2')
+    need(100 <= a.n_boot <= MAX_BOOTSTRAP, '--bootstrap', a.n_boot, f'must be in [100, {MAX_BOOTSTRAP:,}]')
+    need(a.n_reference == 0 or a.n_reference >= 2, '--reference-queries', a.n_reference, 'must be 0 (none) or >= 2')
     need(a.seed >= 0, '--seed', a.seed, 'must be >= 0')
     need(a.dim >= 1, '--dim', a.dim, 'must be >= 1')
     if a.image_size is not None: check_image_size(a.image_size, '--image-size')   # the one image-size rule
@@ -358,10 +357,7 @@ def _run(argv:list|None=None)->int:
     if a.random_init and not a.preset: p.error('--random-init needs --preset NAME')
     _check_flags(a)
     out = _check_out(a.out)
-    settings = EvalSettings(image_size=a.image_size, query_size=a.query_size, queries=a.queries, seed=a.seed,
-                            baselines=not a.no_baselines, device=a.device, max_images=a.max_images,
-                            queries_per_image=a.queries_per_image, batch_size=a.batch_size, n_reference=a.reference_queries,
-                            n_boot=a.bootstrap, per_query=a.per_query, progress=sys.stderr.isatty())
+    settings = EvalSettings(**{f: getattr(a, f) for f in EVAL_FIELDS}, progress=sys.stderr.isatty())
     spec = EvalSpec(a.checkpoint, None if a.checkpoint else dict(preset=a.preset, arch=a.arch, dim=a.dim), a.data, a.split,
                     list(a.gallery), list(a.exclude_ids_from), not a.no_exclude_training, a.reference_data,
                     a.reference_split, list(a.validation), a.skip_unreadable, settings)

@@ -47,6 +47,7 @@ class ChanceFigures(RetrievalFigures, total=False):
     "Exact chance of the retrieval figures (a uniformly random ranking), with the query counts"
     n_queries: int; n_map_queries: int
 
+# %% ../../nbs/4_evaluate/03_tables.ipynb #fdd32577
 class MethodFigures(RetrievalFigures, total=False):
     "All figures of one method: SGA of each protocol with intervals, retrieval, the contrastive loss on the queries"
     sga: Rates; sga_ci: Intervals; sga_strict: Rates; sga_strict_ci: Intervals

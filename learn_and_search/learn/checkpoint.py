@@ -57,6 +57,7 @@ def read_torch_file(path,                   # a file written by `torch.save`
         why = _NOT_TORCH
     raise ValueError(f"{what} {str(path)!r} {why}")
 
+# %% ../../nbs/3_learn/03_checkpoint.ipynb #8d8d01fb
 def load_checkpoint(path,                # a file written by `save_checkpoint`
                     map_location='cpu',  # where tensors are put
                    )->dict:

@@ -8,7 +8,7 @@ import argparse, json, math
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 
-from ..utils import is_int, resolve_device, resolve_precision
+from ..utils import add_field_flags, is_int, resolve_device, resolve_precision
 from .models import LEVELS as ALL_LEVELS, check_arch, check_levels
 from ..data.images import check_image_size, check_crop_frac
 from .loss import MIN_TEMPERATURE
@@ -123,41 +123,13 @@ class TrainConfig:
         return self
 
 # %% ../../nbs/3_learn/04_config.ipynb #2cd89a51
-def _opt_int(s:str): return None if str(s).lower() in ('none', 'null', '') else int(s)
-def _opt_str(s:str): return None if str(s).lower() in ('none', 'null', '') else s
-def _opt_bool(s:str):
-    v = str(s).lower()
-    if v in ('none', 'null', ''): return None
-    if v in ('true', 'yes', '1', 'false', 'no', '0'): return v in ('true', 'yes', '1')
-    raise ValueError(s)   # argparse names the flag and the value
-
-_FLAG_TYPES = dict(dim=int, epochs=int, steps=_opt_int, batch_size=int, queries_per_scene=int, image_size=int, query_size=int, lr=float,
-                   weight_decay=float, warmup_steps=_opt_int, temperature=float, anchor_negatives=_opt_int, seed=int,
-                   checkpoint_every=int, keep_checkpoints=int, snapshot_every=_opt_int, log_every=int, workers=int, limit_images=_opt_int,
-                   weights=_opt_str, cache_dir=_opt_str, branches=_opt_str, flip=_opt_str, projection_head=_opt_bool,
-                   minutes=lambda s: None if str(s).lower() in ('none', 'null', '') else float(s))
-
-def _field_help()->dict:
-    "The comment of each `TrainConfig` field (fastcore.docments; empty where the source is not available)"
-    from fastcore.docments import docments
-    try: return {k: v for k, v in docments(TrainConfig).items() if v}
-    except (OSError, TypeError): return {}
-
 def build_parser()->argparse.ArgumentParser:
-    "The `las-train` argument parser, one flag per `TrainConfig` field plus `--config`"
-    helps = _field_help()
+    "The `las-train` argument parser, one flag per `TrainConfig` field (`utils.add_field_flags`) plus `--config`"
     p = argparse.ArgumentParser(prog='las-train', description='Train the Learn and Search two-branch model with ANT-Xent.',
                                 epilog='--debug shows the traceback of an error')
     p.add_argument('--config', metavar='FILE', help='YAML or JSON file of TrainConfig fields; explicit flags override it')
-    for f in fields(TrainConfig):
-        flag = '--' + f.name.replace('_', '-')
-        text = f"{helps.get(f.name, '')} (default: {f.default!r})".strip().replace('%', '%%')   # argparse %-formats help
-        kw = dict(default=argparse.SUPPRESS, help=text)
-        if isinstance(f.default, bool): p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name == 'crop_frac': p.add_argument(flag, nargs=2, type=float, metavar=('LO', 'HI'), **kw)
-        elif f.name == 'levels': p.add_argument(flag, nargs='+', choices=ALL_LEVELS, metavar='LEVEL', **kw)
-        else: p.add_argument(flag, type=_FLAG_TYPES.get(f.name, str), **kw)
-    return p
+    return add_field_flags(p, TrainConfig, suppress=True, options=dict(   # unset flags leave the config file's values
+        crop_frac=dict(nargs=2, type=float, metavar=('LO', 'HI')), levels=dict(nargs='+', choices=ALL_LEVELS, metavar='LEVEL')))
 
 def load_config_file(path)->dict:
     "Read a YAML or JSON config file into a dict (ValueError naming the file when it does not parse)"

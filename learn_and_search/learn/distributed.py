@@ -45,6 +45,7 @@ class SceneItems(Dataset):
     def __len__(self): return len(self.images)
     def __getitem__(self, i:int)->Tensor: return resize_square(self.images[i]['image'], self.image_size)
 
+# %% ../../nbs/3_learn/06_distributed.ipynb #ef88c273
 class CachedScenes:
     "Each step's scenes (uint8 (b, 3, S, S) on `device`) from an image cache's rows, without a DataLoader"
     def __init__(self, rows:Tensor,    # uint8 (N, 3, S, S): on `device` (resident) or a CPU memory map (streamed)
@@ -87,6 +88,7 @@ class CachedScenes:
         "Stop the input thread, if any (waits for a gather in flight)"
         if self._pool is not None: self._pool.shutdown(wait=True, cancel_futures=True); self._pool = None
 
+# %% ../../nbs/3_learn/06_distributed.ipynb #9949418d
 class LoaderScenes:
     "Each step's scenes from a DataLoader over `SceneItems` (decoding in workers), with `CachedScenes`' interface"
     def __init__(self, images, image_size:int, per_rank:int, seed:int, rank:int=0, world:int=1, workers:int=0,

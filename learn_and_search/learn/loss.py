@@ -102,6 +102,7 @@ def _ant_xent(query:Tensor, grids:tuple, boxes:Tensor, image_size:float, layout:
     with torch.no_grad(): avg_pos, avg_neg = _diagnostics(sims, ok, target)
     return losses.view(B, L).mean(0), avg_pos, avg_neg                           # (B, L) -> (L,)
 
+# %% ../../nbs/3_learn/01_loss.ipynb #7f38fe67
 class AntXentLoss(nn.Module):
     "Anchor-based NT-Xent over every pyramid level (see the equation above), with `K = B / B_s` queries per scene"
     def __init__(self, temperature:float=0.1,   # softmax temperature, >= `MIN_TEMPERATURE`

@@ -175,6 +175,7 @@ def create_model(preset:str='model1',         # preset name the model is trained
 
 MODEL_CONFIG_KEYS = ('preset', 'arch', 'dim', 'levels', 'image_size', 'query_size', 'projection_head', 'branches')
 
+# %% ../../nbs/3_learn/02_models.ipynb #3ce261ff
 def _model_kwargs(cfg:dict)->dict:   # a stored model config -> `create_model` keyword arguments (random weights)
     kw = {k: cfg[k] for k in MODEL_CONFIG_KEYS if k in cfg and cfg[k] is not None}
     if 'dim' in kw: kw['dim'] = int(kw['dim'])

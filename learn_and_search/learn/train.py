@@ -203,6 +203,7 @@ def _run_state(config:TrainConfig, ckpt:dict|None, scenes, device, ddp:dict, fol
     return RunState(config, model, augment, loss_fn, opt, sched, scenes, spe, total, step, device, ddp['rank'], ddp['world'],
                     folder, callback)
 
+# %% ../../nbs/3_learn/07_train.ipynb #85923ab6
 def _checkpoint_state(s:RunState)->dict:
     return dict(model=s.model.state_dict(), optimizer=s.optimizer.state_dict(), scheduler=s.scheduler.state_dict(),
                 step=s.step, epoch=s.step // s.steps_per_epoch, config={**getattr(s.model, 'config', {}), **s.config.to_dict()},
@@ -254,6 +255,7 @@ def _result(s:RunState, metrics:dict|None=None)->dict:
     return dict(step=s.step, epoch=max(0, s.step - 1) // s.steps_per_epoch, metrics=metrics, out=str(s.folder.out),
                 checkpoint=str(s.folder.last))
 
+# %% ../../nbs/3_learn/07_train.ipynb #6e4a925a
 def _loop(s:RunState)->dict:
     "The epoch/step loop of `train` on the run state `s`"
     c, net = s.config, s.model
@@ -316,6 +318,7 @@ def _open_logs(s:RunState, fresh:bool):
     if fresh and not (s.folder.out/'metrics.jsonl').exists(): s.folder.created.append(s.folder.out/'metrics.jsonl')
     truncate_metrics(s.folder.out/'metrics.jsonl', s.step)
 
+# %% ../../nbs/3_learn/07_train.ipynb #9578dadd
 def resolved_config(config:TrainConfig, device)->TrainConfig:
     "`config` with its preset's `branches`, `flip` and heads and its `precision` made explicit: config.json names what ran"
     from learn_and_search.learn.augment import get_preset
@@ -341,6 +344,7 @@ def steps_for_minutes(config:TrainConfig, scenes, device, probe:int=3)->int:
     per_step = sorted(times[1:])[len(times[1:]) // 2] if probe > 1 else times[0]   # the median after the first (warm-up)
     return max(1, int(config.minutes * 60 / per_step))
 
+# %% ../../nbs/3_learn/07_train.ipynb #3ba21764
 def train(config:TrainConfig, # validated here
           callback=None,      # optional `callback(step, metrics)` on rank 0 after each logged step
           progress:bool=True, # show the cache build's progress bar

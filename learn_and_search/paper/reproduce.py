@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, os, sys, time
 from dataclasses import dataclass
 from pathlib import Path
-from ..utils import RunLock, atomic_write, resolve_device, run_cli, script_entry
+from ..utils import RunLock, add_field_flags, atomic_write, resolve_device, run_cli, script_entry
 from ..learn.augment import PRESET_NAMES
 from .runner import RUNNERS, Step, StepFailed, format_parameters, run_grid
 from .archive import pack_run, unpack_run
@@ -15,7 +15,7 @@ from .scales import SCALES, check_scale, model_steps, resolve_data, snapshot_eve
 from .notebooks import EvaluateNotebook, FiguresNotebook, PaperNotebook, TrainNotebook, paper_notebooks
 
 # %% auto #0
-__all__ = ['command_line', 'GridSpec', 'build_grid', 'write_figures_index', 'main']
+__all__ = ['GRID_FIELDS', 'command_line', 'GridSpec', 'build_grid', 'write_figures_index', 'main']
 
 # %% ../../nbs/6_paper/10_reproduce.ipynb #71f7799c
 def command_line(scale:str, models=None, pairs:int|None=None)->str:
@@ -107,28 +107,33 @@ def write_figures_index(figures)->Path:
     return path
 
 # %% ../../nbs/6_paper/10_reproduce.ipynb #e2e92893
+# the `GridSpec` fields `las-reproduce` sets by flag
+GRID_FIELDS = ('scale', 'data', 'train_data', 'models', 'pairs', 'device', 'seed', 'runs', 'figures', 'notebooks', 'tiny')
+
+def _model_names(text:str)->list:   # '--models model1, model4' -> ['model1', 'model4']
+    return [m.strip() for m in text.split(',') if m.strip()]
+
 def _parser()->argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='las-reproduce', description='Regenerate the tables and figures of "Learn and Search" '
-                                'by running the parameterized notebooks of nbs/paper (papermill) or their library functions.')
-    p.add_argument('--scale', choices=list(SCALES), default='smoke', help='size of the run (default: smoke)')
-    p.add_argument('--data', help="evaluation data: 'synthetic' or a COCO root with val2017 (default: per scale, COCO_ROOT)")
-    p.add_argument('--train-data', help="training images: 'synthetic', a folder of images or a COCO root (default: per scale)")
-    p.add_argument('--models', help=f"comma-separated subset of {', '.join(PRESET_NAMES)} (default: the scale's grid)")
-    p.add_argument('--pairs', type=int, help="training pairs shared among the models (scales with a budget: gpu)")
-    p.add_argument('--device', help="'cpu', 'cuda', 'cuda:1' or 'auto' (default: per scale)")
-    p.add_argument('--seed', type=int, help='seed of every step (default: 0)')
-    p.add_argument('--runner', choices=RUNNERS, help='papermill (the notebooks) or python (their library functions); '
+                                'by running the parameterized notebooks of nbs/paper (papermill) or their dataclasses in plain Python.')
+    add_field_flags(p, GridSpec, GRID_FIELDS, options=dict(scale=dict(choices=list(SCALES)), models=dict(type=_model_names),
+                                                           tiny=dict(action='store_true', help=argparse.SUPPRESS)),   # for tests
+                    helps=dict(scale='size of the run',
+                               data="evaluation data: 'synthetic' or a COCO root with val2017; None: per scale, COCO_ROOT",
+                               train_data="training images: 'synthetic', a folder of images or a COCO root; None: per scale",
+                               models=f"comma-separated subset of {', '.join(PRESET_NAMES)}; None: the scale's grid",
+                               device="'cpu', 'cuda', 'cuda:1' or 'auto'; None: per scale",
+                               runs='folder of the executed notebooks and checkpoints (the run is RUNS/SCALE)',
+                               figures='folder of the tables and figures (FIGURES/SCALE)',
+                               notebooks='folder of the paper notebooks; None: nbs/paper of the repository'))
+    p.add_argument('--runner', choices=RUNNERS, help='papermill (the notebooks) or python (the dataclasses of the notebooks, run()); '
                    'default: papermill where installed')
     p.add_argument('--force', action='store_true', help='re-run steps that are up to date')
-    p.add_argument('--runs', default='runs', help='folder of the executed notebooks and checkpoints (default: runs)')
-    p.add_argument('--figures', default='figures', help='folder of the tables and figures (default: figures)')
-    p.add_argument('--notebooks', help='folder of the paper notebooks (default: nbs/paper of the repository)')
     p.add_argument('--kernel', help="Jupyter kernel (default: the notebooks' own, python3)")
     p.add_argument('--threads', type=int, help='CPU threads per step (OMP_NUM_THREADS; 1 is fastest on a busy machine)')
     p.add_argument('--archive', help='after the run, pack it (without checkpoints) into this .tar.gz')
     p.add_argument('--from-archive', help='unpack a run packed by --archive and redraw its figures only')
     p.add_argument('--dry-run', action='store_true', help='print the grid and exit')
-    p.add_argument('--tiny', action='store_true', help=argparse.SUPPRESS)   # seconds-long grid, for tests
     return p
 
 def _default_runner()->str:
@@ -137,6 +142,7 @@ def _default_runner()->str:
     try: return 'papermill' if importlib.util.find_spec('papermill') else 'python'
     except ImportError: return 'python'
 
+# %% ../../nbs/6_paper/10_reproduce.ipynb #0ad309bd
 def _main(argv=None)->int:
     p = _parser(); a = p.parse_args(argv)
     if a.threads is not None and a.threads < 1: p.error(f'--threads must be >= 1, got {a.threads}')
@@ -148,8 +154,7 @@ def _main(argv=None)->int:
         try: resolve_device(a.device)   # checked here, not in the first notebook a minute later
         except ValueError as e: p.error(f"--device: {e}")
     try:
-        spec = GridSpec(a.scale, None if a.models is None else [m.strip() for m in a.models.split(',') if m.strip()], a.data, a.train_data, a.device,
-                        a.seed, a.runs, a.figures, a.notebooks, a.tiny, a.pairs)
+        spec = GridSpec(**{f: getattr(a, f) for f in GRID_FIELDS})
         steps = build_grid(spec)
     except (ValueError, FileNotFoundError) as e: p.error(str(e))
     run_dir, runner = spec.run_dir, a.runner or _default_runner()

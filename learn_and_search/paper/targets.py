@@ -28,6 +28,7 @@ def target_pairs(v)->list:
     "A target's `(model, goal)` pairs: none, one pair, or a list of them"
     return [] if v is None else [tuple(v)] if isinstance(v[0], str) else [tuple(p) for p in v]
 
+# %% ../../nbs/6_paper/06_targets.ipynb #50158e60
 def target_rows(metrics:dict,  # model name -> `evaluate` metrics; the first holds the baselines
                 logs:dict,     # model name -> training log (`paper.tables.read_log`)
                 targets:dict,  # sga=(model, goal), riga_ratio=(model, goal), hard=(model, goal), throughput=(model, goal),

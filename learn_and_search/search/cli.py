@@ -19,11 +19,11 @@ from .layout import KINDS, requested_levels
 from .store import check_index_target, index_lock
 from ..learn.models import load_model, model_fingerprint, random_init_model
 from .index import IndexSpec, SearchIndex
-from ..utils import atomic_path, draw_box, resolve_device, run_cli, script_entry
+from ..utils import add_field_flags, atomic_path, draw_box, resolve_device, run_cli, script_entry
 
 # %% auto #0
-__all__ = ['NUMERIC_FLAGS', 'plot_results', 'printable', 'save_figure', 'model_from_source', 'parse_args', 'parse_box',
-           'attach_model', 'open_index', 'main']
+__all__ = ['BUILD_FIELDS', 'NUMERIC_FLAGS', 'plot_results', 'printable', 'save_figure', 'model_from_source', 'parse_args',
+           'parse_box', 'attach_model', 'open_index', 'main']
 
 # %% ../../nbs/5_search/04_cli.ipynb #d6702c94
 def plot_results(crop:Tensor,        # uint8 (3, q, q) query crop
@@ -75,6 +75,10 @@ def model_from_source(source:dict, device='cpu'):
 class _Parser(argparse.ArgumentParser):
     def error(self, message): raise ValueError(message)
 
+# the `IndexSpec` fields `las-search build` sets by flag (levels and reference_images are read from their own flags)
+BUILD_FIELDS = ('kind', 'nlist', 'nprobe', 'M', 'ef_search', 'ef_construction', 'train_cells', 'image_size', 'reference', 'seed',
+                'batch_size', 'device', 'workers', 'skip_unreadable', 'progress')
+
 def _parser()->argparse.ArgumentParser:
     p = _Parser(prog='las-search', description='Build and query a FAISS index of gallery grid cells.',
                 epilog='--debug shows the traceback of an error')
@@ -86,25 +90,19 @@ def _parser()->argparse.ArgumentParser:
     src.add_argument('--checkpoint', help='trained checkpoint (.pt)')
     src.add_argument('--random-init', action='store_true', help='seeded random initialisation (demos)')
     b.add_argument('--preset', default='model1'); b.add_argument('--arch', default='resnet18')
-    b.add_argument('--dim', type=int, default=256); b.add_argument('--seed', type=int, default=0)
+    b.add_argument('--dim', type=int, default=256)
     b.add_argument('--out', required=True, help='index folder to write (locked while building: .NAME.lock beside it)')
     b.add_argument('--overwrite', action='store_true', help='replace an existing index folder')
     b.add_argument('--levels', nargs='+', help='levels to index, e.g. P3 P4 P5 or P3,P4,P5 (default: the best three of '
                    '--metrics, else by the model\'s scene size: P3-P5 up to 160 px, else P5-P7)')
     b.add_argument('--metrics', help="las-eval's metrics.json of the --checkpoint: index the three levels it scored best on")
-    b.add_argument('--kind', choices=KINDS, default='flat')
-    b.add_argument('--image-size', type=int, default=None); b.add_argument('--batch-size', type=int, default=16)
-    b.add_argument('--device', default='cpu'); b.add_argument('--workers', type=int, default=0)
-    b.add_argument('--nlist', type=int, default=None); b.add_argument('--nprobe', type=int, default=16)
-    b.add_argument('--M', type=int, default=32); b.add_argument('--ef-search', type=int, default=64)
+    add_field_flags(b, IndexSpec, BUILD_FIELDS, flags={'M': '--M'}, defaults={'device': 'cpu'}, options={'kind': dict(choices=KINDS)},
+                    helps={'device': "'cpu', 'cuda', 'cuda:N' or 'auto'",
+                           'seed': 'seeds the --random-init model, the ivf training images and the reference crops'})
     b.add_argument('--limit', type=int, default=None, help='index only the first N images')
-    b.add_argument('--reference', type=int, default=256,
-                   help='random reference crops for the hubness-reduced scores (0: none, the paper\'s max score only)')
     b.add_argument('--reference-images', default=None, help='cut the reference crops from these images (folder, COCO root) '
                    'instead of the gallery')
     b.add_argument('--reference-split', default=None, help='COCO split of --reference-images (default: --split)')
-    b.add_argument('--skip-unreadable', action='store_true', help='leave unreadable images out (counted and listed) instead of failing')
-    b.add_argument('--no-progress', action='store_true')
     q = sub.add_parser('query', help='search an index with a box of an image; prints JSON')
     q.add_argument('--index', required=True); q.add_argument('--image', required=True)
     q.add_argument('--box', required=True, help='x,y,w,h in pixels of --image')
@@ -117,10 +115,11 @@ def _parser()->argparse.ArgumentParser:
     q.add_argument('--device', default='cpu')
     return p
 
+# %% ../../nbs/5_search/04_cli.ipynb #31a7459d
 # flag -> (argparse dest, smallest value); None values (unset optional flags) are not checked
 NUMERIC_FLAGS = {'--dim': ('dim', 1), '--seed': ('seed', 0), '--batch-size': ('batch_size', 1),
                  '--workers': ('workers', 0), '--nlist': ('nlist', 1), '--nprobe': ('nprobe', 1), '--M': ('M', 2),
-                 '--ef-search': ('ef_search', 1), '--limit': ('limit', 1), '--reference': ('reference', 0),
+                 '--ef-search': ('ef_search', 1), '--ef-construction': ('ef_construction', 1), '--train-cells': ('train_cells', 1), '--limit': ('limit', 1), '--reference': ('reference', 0),
                  '-k': ('k', 1), '--rerank': ('rerank', 0)}
 
 def _check_numbers(a):
@@ -153,15 +152,14 @@ def _build(a)->dict:
             model = model_from_source(source, device)
         where = lambda p: str(Path(p).resolve()) if p != 'synthetic' else p
         opened = lambda p, split: open_images(where(p), split=split)
-        if a.limit is None: images = open_checked(where(a.images), a.split, a.skip_unreadable, full=False, progress=not a.no_progress)
+        if a.limit is None: images = open_checked(where(a.images), a.split, a.skip_unreadable, full=False, progress=a.progress)
         else:   # the first --limit images, unchecked: the build's reader counts what it skips (never substitutes)
             images = open_images(where(a.images), a.split, a.skip_unreadable); images.skip_unreadable = False
         skipped = [f'{p}: {why}' for p, why in images.skipped]   # files listed but missing, and images found unreadable
         if a.limit is not None: images = Subset(images, range(min(a.limit, len(images))))
         ref_images = opened(a.reference_images, a.reference_split or a.split) if a.reference_images else None
-        spec = IndexSpec(levels, a.kind, nlist=a.nlist, nprobe=a.nprobe, M=a.M, ef_search=a.ef_search, image_size=a.image_size,
-                         reference=a.reference, reference_images=ref_images, seed=a.seed, batch_size=a.batch_size,
-                         device=device, workers=a.workers, skip_unreadable=a.skip_unreadable, progress=not a.no_progress)
+        spec = IndexSpec(**{f: getattr(a, f) for f in BUILD_FIELDS if f != 'device'}, device=device, levels=levels,
+                         reference_images=ref_images)
         index = SearchIndex.build(model, images, spec)
         skipped += index.skipped
         if skipped: print(f"las-search: left out {len(skipped)} unreadable image(s): " + '; '.join(skipped), file=sys.stderr)
@@ -195,6 +193,7 @@ def open_index(path, checkpoint:str|None=None, device='cpu')->SearchIndex:
     attach_model(index, checkpoint, device, path)
     return index
 
+# %% ../../nbs/5_search/04_cli.ipynb #2d3d5e82
 def _query(a)->tuple:   # (the JSON-ready answer, a function drawing --grid or None)
     box = parse_box(a.box)
     index = SearchIndex.load(a.index)

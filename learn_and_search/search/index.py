@@ -158,6 +158,7 @@ def _rerank(self:SearchIndex, q:np.ndarray, rows:np.ndarray):  # exact group-max
         out_s[i, :n], out_r[i, :n], out_c[i, :n] = score[order], r[order], best[order]
     return out_s, out_r, out_c
 
+# %% ../../nbs/5_search/03_index.ipynb #e20a50ad
 def _search_vectors(self:SearchIndex,
                     queries,                # (Q, D) query embeddings
                     k:int=10,               # images per query (at most the gallery's size are returned)
@@ -325,6 +326,7 @@ class IndexSpec:
         if self.batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.reference and self.reference < 2: raise ValueError(f"reference must be 0 (none) or >= 2 crops, got {self.reference}")
 
+# %% ../../nbs/5_search/03_index.ipynb #6698ff8c
 def _build(cls,
            model,                  # LearnAndSearch (its `dim`, `levels`, `config` are used)
            images,                 # gallery Dataset of dicts with image, image_id, path (CocoImages, FolderImages)

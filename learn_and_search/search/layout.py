@@ -93,6 +93,7 @@ def reference_image_stats(reference:Tensor,  # (R, D) reference query embeddings
         sc = torch.where(is_own & (n_other > 0)[None], others[None], sc)     # (an image that is every query's source keeps all)
     return reference_stats(sc)
 
+# %% ../../nbs/5_search/00_layout.ipynb #d0ccff31
 def adjusted_top_k(top_images,          # top_images(q_rows, W) -> scores, image rows, cells (n, W) by the paper's score
                    n_queries:int,       # Q
                    k:int,               # images per query, <= the gallery's size
@@ -141,7 +142,6 @@ def exact_adjusted_top_k(cells:np.ndarray,  # (G, C, D) every gallery image's ce
     img, best = torch.cat([p.score for p in parts], 1), torch.cat([p.cell for p in parts], 1)   # (Q, G) each
     top, rows = adjust_scores(img, stats, mode).topk(k, dim=1)                         # (Q, k)
     return top.numpy().astype(np.float32), rows.numpy().astype(np.int64), best.gather(1, rows).numpy().astype(np.int64)
-
 
 # %% ../../nbs/5_search/00_layout.ipynb #f10cab27
 KINDS = ('flat', 'ivf', 'hnsw')
