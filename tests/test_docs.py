@@ -117,7 +117,7 @@ def test_every_exported_function_and_class_has_its_documentation(passed):
     assert not missing, f"exported but not documented on its page ({len(missing)}): " + ', '.join(missing)
 
 
-FIGURE_CHAPTERS = ('1_cells/00_cells.ipynb', '3_learn/00_augment.ipynb', '6_paper/04_plots.ipynb')   # explained by a picture
+FIGURE_CHAPTERS = ('1_cells/00_cells.ipynb', '3_learn/00_augment.ipynb', '3_learn/01_loss.ipynb', '6_paper/04_plots.ipynb')   # explained by a picture
 
 def test_figure_cells_draw_their_figure(passed):
     "Every `#| exec_doc` cell draws its figure in the docs pass (so the page shows it), and the chapters a picture explains have one"
