@@ -28,10 +28,10 @@ browser:  ## Debian's headless Chromium and its driver, for the browser test of 
 reproduce: install  ## SCALE=smoke|mini|gpu|paper
 	$(VENV)/bin/las-reproduce --scale $(SCALE) $(if $(DATA),--data $(DATA),)
 
-test: install  ## the full suite (CI): every notebook and tests/, about 18 minutes on 2 idle CPU cores (17.9 min, AMD EPYC, AVX2 only)
+test: install  ## the full suite (CI): every notebook and tests/, about 20 minutes on 2 idle CPU cores (19.9 min, AMD EPYC, AVX2 only)
 	$(PY) tests/run_all.py
 
-check: install  ## the fast tier while you work (1.5 min there): notebooks without their slow cells, pytest without slow and browser tests
+check: install  ## the fast tier while you work (1.9 min there): notebooks without their slow cells, pytest without slow and browser tests
 	$(PY) tests/run_all.py --fast
 
 docs:  ## the documentation site into _docs/ (nbdev's docs pass into _proc/, then Quarto; both git-ignored), or one line saying what to install

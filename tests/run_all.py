@@ -1,10 +1,10 @@
 """Run the tests in one of two tiers and end with one `N passed, N failed` line.
 
 - `python tests/run_all.py` (`make test`, what CI runs): every notebook as `nbdev_test --flags slow` runs it, then
-  `pytest tests/`; 17.9 minutes on 2 idle cores of an AMD EPYC with AVX2 only (with the shared data).
+  `pytest tests/`; 19.9 minutes on 2 idle cores of an AMD EPYC with AVX2 only (with the shared data).
 - `python tests/run_all.py --fast` (`make check`): the notebooks without their `#| slow` cells (training, evaluation,
   subprocess and papermill runs) and without the README's (it trains for 3 minutes), then
-  `pytest -m "not slow and not browser"`; 1.5 minutes on 2 cores of an AMD EPYC with AVX2 only.
+  `pytest -m "not slow and not browser"`; 1.9 minutes on 2 cores of an AMD EPYC with AVX2 only.
 
 Both print every notebook's time, its slowest cells and pytest's slowest tests, so a cell that grew slow is seen and
 flagged. Everything the tests write to the temp folder goes to one scratch folder of this run (the checkpoints of the

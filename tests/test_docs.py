@@ -7,8 +7,8 @@ figure cell (`#| exec_doc`: drawn when the site is built, so a page's figures ar
 Quarto reads: nbdev.yml and _quarto.yml parse, no two notebooks name one page, styles.css is there, the sidebar lists
 every chapter once in file order, and the images the pages show resolve inside nbs/ (the site's source).
 
-The pass runs in a child process (`python tests/test_docs.py OUT.json [NBS]`), so the notebooks' state stays out of
-pytest's; it writes nothing into the checkout."""
+The pass runs in two child processes at once, one per core (`python tests/test_docs.py OUT.json [NBS [SHARD SHARDS]]`),
+so the notebooks' state stays out of pytest's; it writes nothing into the checkout."""
 import ast, json, os, re, shutil, subprocess, sys, time
 from collections import Counter
 from pathlib import Path
@@ -33,8 +33,8 @@ def _mixes_imports(source:str)->bool:
     return has_import and not all(isinstance(t, (ast.Import, ast.ImportFrom)) for t in body)
 
 
-def docs_pass(nbs:Path)->list:
-    "For every notebook under `nbs` nbdev's docs pass would process: its page, its failing cells, its executed mixed cells"
+def docs_pass(nbs:Path, shard:int=0, shards:int=1)->list:
+    "For every notebook under `nbs` nbdev's docs pass would process (every `shards`-th from `shard`): its page, failing and mixed cells"
     from execnb.nbio import read_nb
     from fastcore.xtras import str2bool
     from nbdev.doclinks import nbglob
@@ -61,7 +61,7 @@ def docs_pass(nbs:Path)->list:
 
     os.environ['IN_TEST'] = '1'   # as nbdev's docs workers set it
     records = []
-    for path in sorted(nbglob(nbs, as_path=True)):
+    for path in sorted(nbglob(nbs, as_path=True))[shard::shards]:
         path, t0 = Path(path), time.time()
         rec = dict(notebook=str(path.relative_to(nbs)), page=None, failed=[], mixed=[], figures=[])
         nb = read_nb(path)
@@ -75,12 +75,15 @@ def docs_pass(nbs:Path)->list:
     return records
 
 
-def run_docs_pass(nbs:Path, out:Path)->list:
-    "`docs_pass(nbs)` in a child process started in the project root (nbdev reads settings.ini from there)"
-    r = subprocess.run([sys.executable, __file__, str(out), str(nbs)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=PASS_TIMEOUT)
-    assert r.returncode == 0 and out.exists(), f'the docs pass itself broke:\n{r.stderr[-4000:]}'
-    return json.loads(out.read_text())
+def run_docs_pass(nbs:Path, out:Path, shards:int=2)->list:
+    "`docs_pass(nbs)` in `shards` child processes at once (one per core), started in the project root (nbdev reads settings.ini there)"
+    outs = [out.with_suffix(f'.{i}.json') for i in range(shards)]
+    kids = [subprocess.Popen([sys.executable, __file__, str(o), str(nbs), str(i), str(shards)], cwd=ROOT, text=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i, o in enumerate(outs)]
+    for kid in kids:
+        _, err = kid.communicate(timeout=PASS_TIMEOUT)
+        assert kid.returncode == 0, f'the docs pass itself broke:\n{err[-4000:]}'
+    return sorted((r for o in outs for r in json.loads(o.read_text())), key=lambda r: r['notebook'])
 
 
 @pytest.fixture(scope='module')
@@ -228,4 +231,5 @@ def test_make_docs_without_quarto_says_what_to_install_and_changes_nothing():
 
 if __name__ == '__main__':
     out, nbs = Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else NBS
-    out.write_text(json.dumps(docs_pass(nbs.resolve()), indent=1))
+    shard, shards = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (0, 1)
+    out.write_text(json.dumps(docs_pass(nbs.resolve(), shard, shards), indent=1))
