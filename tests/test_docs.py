@@ -80,9 +80,12 @@ def run_docs_pass(nbs:Path, out:Path, shards:int=2)->list:
     outs = [out.with_suffix(f'.{i}.json') for i in range(shards)]
     kids = [subprocess.Popen([sys.executable, __file__, str(o), str(nbs), str(i), str(shards)], cwd=ROOT, text=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i, o in enumerate(outs)]
-    for kid in kids:
-        _, err = kid.communicate(timeout=PASS_TIMEOUT)
-        assert kid.returncode == 0, f'the docs pass itself broke:\n{err[-4000:]}'
+    try:
+        for kid in kids:
+            _, err = kid.communicate(timeout=PASS_TIMEOUT)
+            assert kid.returncode == 0, f'the docs pass itself broke:\n{err[-4000:]}'
+    finally:
+        for kid in kids: kid.kill()   # a no-op for those that ended; never leave a shard running after a failure
     return sorted((r for o in outs for r in json.loads(o.read_text())), key=lambda r: r['notebook'])
 
 

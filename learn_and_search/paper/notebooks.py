@@ -118,7 +118,7 @@ class EvaluateNotebook(PaperNotebook):
         return run.metrics
 
 # %% ../../nbs/6_paper/09_notebooks.ipynb #f0039785
-def _write_figure_data(self:EvaluateNotebook, run, checkpoint, out:Path):
+def _write_figure_data(step:EvaluateNotebook, run, checkpoint, out:Path):
     "Tables, heatmaps.npz, curve.json and topk.json of `run` (from `run_evaluation`) into `out`"
     from learn_and_search.paper import examples as E, tables as T, readme as R
     metrics, model, gallery = run.metrics, run.model, run.data.gallery
@@ -126,15 +126,15 @@ def _write_figure_data(self:EvaluateNotebook, run, checkpoint, out:Path):
     name, run_dir = model.config['preset'], Path(checkpoint).parent.parent
     log_path = run_dir/'metrics.jsonl'
     T.write_tables(R.run_tables({name: metrics}, {name: T.read_log(log_path)} if log_path.is_file() else {}), out)
-    E.save_examples(E.similarity_examples(model, gallery, self.n_examples, S, q, seed=self.seed, device=dev), out/'heatmaps.npz')
-    if self.curve:   # SGA against training pairs: the run's snapshots on the same queries
+    E.save_examples(E.similarity_examples(model, gallery, step.n_examples, S, q, seed=step.seed, device=dev), out/'heatmaps.npz')
+    if step.curve:   # SGA against training pairs: the run's snapshots on the same queries
         from learn_and_search.paper.curves import evaluate_snapshots, write_curve
         from learn_and_search.learn.checkpoint import load_checkpoint
         pts = evaluate_snapshots(run_dir, gallery, metrics, load_checkpoint(checkpoint)['step'], device=dev, image_size=S,
-                                 query_size=q, queries=self.queries, seed=self.seed, max_images=self.max_images)
+                                 query_size=q, queries=step.queries, seed=step.seed, max_images=step.max_images)
         write_curve(pts, out/'curve.json')
     if run.ranking is not None:
-        atomic_write_json(out/'topk.json', E.topk_record(E.topk_examples(run.ranking, gallery, self.n_queries, self.k), gallery, S))
+        atomic_write_json(out/'topk.json', E.topk_record(E.topk_examples(run.ranking, gallery, step.n_queries, step.k), gallery, S))
 
 # %% ../../nbs/6_paper/09_notebooks.ipynb #9e4e8a19
 @dataclass

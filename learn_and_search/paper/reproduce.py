@@ -54,7 +54,7 @@ class GridSpec:
     def figures_dir(self)->Path: return Path(self.figures)/self.scale  # tables, figures, README.md
 
 # %% ../../nbs/6_paper/10_reproduce.ipynb #80746edc
-def _step(name:str, params:PaperNotebook, nbs:Path, outputs:list, after:list=[], resumable:bool=False)->Step:
+def _step(name:str, params:PaperNotebook, nbs:Path, outputs:list, after:tuple=(), resumable:bool=False)->Step:
     "A grid step running `params`' notebook from `nbs` (or, with the plain-Python runner, its dataclass's `run()`)"
     return Step(name, nbs/params.notebook, params.parameters(), outputs, list(after), function=type(params), resumable=resumable)
 
