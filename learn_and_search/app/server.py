@@ -4,7 +4,7 @@
 
 # %% ../../nbs/7_app/00_server.ipynb #app01imp
 from __future__ import annotations
-import argparse, base64, io, json, os, sys, tempfile, threading, time
+import argparse, io, json, sys, tempfile, threading, time
 from collections import OrderedDict
 from importlib.resources import files
 from pathlib import Path
@@ -15,7 +15,7 @@ from socketserver import ThreadingMixIn
 import torch
 from PIL import Image
 
-from ..data.images import ImageReadError, load_image
+from ..data.images import ImageReadError
 from ..search.embed import as_image, check_box
 from ..evaluate.hubness import SCORE_MODES
 from ..search.index import SearchIndex
@@ -313,3 +313,6 @@ def _main(argv:list)->int:
 def main(argv:list|None=None)->int:  # exit status: 0 stopped, 2 bad input, 130/143 interrupted
     "Console script `las-app`: serve the lookup page over an index (see `--help`)"
     return run_cli('las-app', _main, argv)
+
+# %% ../../nbs/7_app/00_server.ipynb #app09ent
+script_entry(__name__, main)   # `python -m learn_and_search.app.server` (not run under nbdev_test: see utils)

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/8_bench/03_app.ipynb #bapp01im
 from __future__ import annotations
-import argparse, io, os, statistics, time
+import argparse, io, statistics, time
 from pathlib import Path
 import torch
 from PIL import Image
@@ -118,3 +118,6 @@ def benchmark(argv:list|None=None)->str:   # the Markdown table
 def main(argv:list|None=None)->int:
     "`python -m learn_and_search.bench app [options]`"
     return run_cli('python -m learn_and_search.bench app', lambda a: benchmark(a) and 0, argv)
+
+# %% ../../nbs/8_bench/03_app.ipynb #bapp05en
+script_entry(__name__, main)   # `python -m learn_and_search.bench.app` (not run under nbdev_test: see utils)

@@ -7,7 +7,6 @@ __all__ = ['BENCHMARKS', 'main']
 
 # %% ../../nbs/8_bench/00_bench.ipynb #bbd6e98f
 import importlib, sys
-from ..utils import script_entry
 
 # %% ../../nbs/8_bench/00_bench.ipynb #975c7e9b
 BENCHMARKS = {'train': 'learn_and_search.bench.train', 'search': 'learn_and_search.bench.search', 'app': 'learn_and_search.bench.app'}

@@ -6,8 +6,7 @@
 __all__ = ['torch_search', 'time_queries', 'index_bytes', 'mem_available', 'bench_size', 'format_table', 'benchmark', 'main']
 
 # %% ../../nbs/8_bench/02_search.ipynb #1f939691
-import argparse, math, os, statistics, sys, tempfile, time
-from pathlib import Path
+import argparse, math, os, statistics, tempfile, time
 
 import faiss
 import numpy as np
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 
 from ..evaluate.hubness import adjust_scores
 from ..cells import image_scores, nominal_grids
-from ..search.layout import DEFAULT_LEVELS, random_unit_cells, recall_at_k
+from ..search.layout import DEFAULT_LEVELS, recall_at_k
 from ..search.index import SearchIndex
 from ..utils import markdown_table, run_cli, script_entry
 

@@ -11,7 +11,7 @@ import argparse, importlib.util, json, os, resource, subprocess, sys, tempfile, 
 from pathlib import Path
 import torch
 
-from ..utils import describe_machine, markdown_table, resolve_device, resolve_precision, run_cli, script_entry
+from ..utils import describe_machine, markdown_table, resolve_device, run_cli, script_entry
 from ..learn.train import make_optimizer, resolved_config, step_generator, train_step, sample_query_boxes
 from ..learn.config import TrainConfig
 

@@ -40,7 +40,7 @@ def crop_queries(scenes:Tensor,      # (B_s, 3, S, S) float in [0, 1] (uint8 is 
     Bs = scenes.shape[0] if scenes.ndim == 4 else 0
     if not Bs or boxes.ndim != 2 or boxes.shape[1] != 4 or len(boxes) % Bs:
         raise ValueError(f"crop_queries: need scenes (B_s,3,H,W) and boxes (K*B_s,4), got {tuple(scenes.shape)} and {tuple(boxes.shape)}")
-    dev, (B, C), K = scenes.device, scenes.shape[:2], len(boxes) // Bs
+    dev, C, K = scenes.device, scenes.shape[1], len(boxes) // Bs
     theta = crop_affine(boxes.to(dev, scenes.dtype), scenes.shape[-2:],
                         None if angle is None else angle.to(dev), None if scale is None else scale.to(dev))
     grid = F.affine_grid(theta, [len(boxes), C, size, size], align_corners=False)   # (B, size, size, 2)

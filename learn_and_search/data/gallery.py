@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from .crops import crop_queries
-from .images import CocoImages, IMAGE_EXTS, ImageReadError, load_coco, object_queries, open_checked, open_images
+from .images import SKIP_HINT, CocoImages, IMAGE_EXTS, ImageReadError, load_coco, object_queries, open_checked, open_images
 from .images import resize_square, sample_query_box
 
 # %% auto #0
@@ -134,8 +134,6 @@ def reference_images(images,                # image set the reference queries co
     return idx, boxes, len(ids) - len(usable)
 
 # %% ../../nbs/2_data/05_gallery.ipynb #a1d0c013
-_SKIP_HINT = "pass skip_unreadable=True / --skip-unreadable to leave it out"
-
 @dataclass
 class ReferenceCrops:
     "The crops `reference_crops` cut, where each came from, and what it left out"
@@ -162,7 +160,7 @@ def reference_crops(images,                # image set the reference queries are
         for j in range(start, min(start + batch_size, n)):
             try: read.append((j, images[idx[j]]))
             except ImageReadError as e:
-                if not skip_unreadable: raise ImageReadError(f"{e} ({_SKIP_HINT})") from None
+                if not skip_unreadable: raise ImageReadError(f"{e}; {SKIP_HINT}") from None
                 skipped.append(str(e))
         if not read: continue
         scenes = torch.stack([resize_square(it['image'], image_size) for _, it in read])   # uint8 (B, 3, S, S)

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, replace
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
-from ..data.crops import crop_affine, crop_queries
+from ..data.crops import crop_queries
 
 # %% auto #0
 __all__ = ['JITTER', 'BLUR_SIGMA', 'FLIPS', 'BRANCHES', 'PRESETS', 'PRESET_NAMES', 'INTERPOLATIONS', 'HARD_QUERIES',

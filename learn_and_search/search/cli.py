@@ -8,7 +8,6 @@ import argparse, json, math, sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import Tensor
 from torch.utils.data import Subset
 

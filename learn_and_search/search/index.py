@@ -16,15 +16,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from ..data.images import ImageReadError, check_image_size, resize_square
+from ..data.images import SKIP_HINT, ImageReadError, check_image_size, resize_square
 from .embed import ReadOrReport, SceneCollate, as_image, check_box, embed_cells, embed_query, embed_reference
 from ..data.gallery import reference_crops
 from ..evaluate.hubness import SCORE_MODES
 from ..cells import CellLayout, image_scores
 from .layout import (adjusted_top_k, check_index_params, default_levels, default_nlist,
     exact_adjusted_top_k, group_max, make_faiss_index, reference_image_stats)
-from learn_and_search.search.store import (FORMAT, FORMAT_VERSION, IndexFormatError, check_index_file, read_index_meta,
-    write_index_folder)
+from .store import (FORMAT, FORMAT_VERSION, REFERENCE_STATS, IndexFormatError, check_index_file,
+    read_index_folder, read_reference_file, write_index_folder)
 from ..learn.models import check_levels, model_fingerprint
 
 _log = logging.getLogger(__name__)
@@ -34,13 +34,129 @@ _all_ = ['FORMAT', 'FORMAT_VERSION', 'IndexFormatError', 'as_image', 'check_box'
          'model_fingerprint']
 
 # %% auto #0
-__all__ = ['DEFAULT_SCORE', 'BLAS_THRESHOLD_PER_THREAD', 'SearchIndex', 'IndexSpec', 'FORMAT', 'FORMAT_VERSION',
+__all__ = ['DEFAULT_SCORE', 'BLAS_THRESHOLD_PER_THREAD', 'search_cells', 'top_images', 'rerank_exact', 'own_image_stats',
+           'IndexSpec', 'gallery_batches', 'plan_build', 'gallery_reference', 'SearchIndex', 'FORMAT', 'FORMAT_VERSION',
            'IndexFormatError', 'as_image', 'check_box', 'SceneCollate', 'embed_cells', 'embed_query',
            'model_fingerprint']
 
-# %% ../../nbs/5_search/03_index.ipynb #542411dd
+# %% ../../nbs/5_search/03_index.ipynb #d2e3c87e
 DEFAULT_SCORE = 'max'   # validated (4_evaluate/01_hubness.select_score_mode, min_gain 0.01): no correction gained mAP; --score zscore|csls
 
+def _np32(x)->np.ndarray:  # float32, C-contiguous, rows L2-normalised
+    x = x.detach().float().cpu() if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    return np.ascontiguousarray(F.normalize(x.reshape(-1, x.shape[-1]), dim=-1).numpy())
+
+# %% ../../nbs/5_search/03_index.ipynb #282fdacc
+BLAS_THRESHOLD_PER_THREAD = 800   # batches with nq * d above this times the thread count use FAISS's BLAS path
+
+def search_cells(index, kind:str, params:dict, q:np.ndarray, fetch:int)->tuple:
+    "The best `fetch` cells of each query in a FAISS `index` of `kind`: (Q, fetch) scores and labels"
+    if kind == 'ivf': p = faiss.SearchParametersIVF(nprobe=params['nprobe'])
+    elif kind == 'hnsw': p = faiss.SearchParametersHNSW(efSearch=max(params['ef_search'], fetch))
+    else: p = None
+    old = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD_PER_THREAD * faiss.omp_get_max_threads()
+    try: return index.search(q, fetch, params=p)
+    finally: faiss.cvar.distance_compute_blas_threshold = old
+
+# %% ../../nbs/5_search/03_index.ipynb #dfe1f546
+def top_images(fetch_cells, q:np.ndarray, width:int, overfetch:int, n_cells:int, cells_per_image:int)->tuple:
+    "Top-`width` images of each query by their best cell, from `fetch_cells(q, n)` fetches doubled until each has enough"
+    fetch = min(n_cells, max(overfetch * width, 1))
+    got, todo = None, np.arange(len(q))                          # queries still short of `width` images
+    while len(todo):
+        s, lab = fetch_cells(q[todo], fetch)
+        part = group_max(s, lab, cells_per_image, width)
+        if got is None: got = part
+        else:
+            for a, b in zip(got, part): a[todo] = b
+        short = ((part[1] >= 0).sum(1) < width) & ((lab >= 0).sum(1) == fetch)   # the index has more to give
+        if fetch >= n_cells: break
+        todo, fetch = todo[short], min(n_cells, 2*fetch)
+    return got
+
+# %% ../../nbs/5_search/03_index.ipynb #0bf1e0fa
+def rerank_exact(index, q:np.ndarray, rows:np.ndarray, cells_per_image:int)->tuple:
+    "Exact group-max of each query over its candidate image `rows` (-1: none), from cells reconstructed from `index`"
+    C, Q, R = cells_per_image, *rows.shape
+    out_s = np.full((Q, R), -np.inf, np.float32); out_r, out_c = np.full((Q, R), -1, np.int64), np.full((Q, R), -1, np.int64)
+    for i in range(Q):
+        r = rows[i][rows[i] >= 0]
+        labels = (r[:, None] * C + np.arange(C)).reshape(-1)              # (R*C,) all cells of the candidates
+        cells = index.reconstruct_batch(labels).reshape(len(r), C, -1)   # (R, C, D)
+        top = image_scores(torch.from_numpy(q[i:i+1]), torch.from_numpy(cells), where=True)   # (1, R) each
+        score, best = top.score[0].numpy(), top.cell[0].numpy()
+        order = np.argsort(-score, kind='stable')
+        out_s[i, :len(r)], out_r[i, :len(r)], out_c[i, :len(r)] = score[order], r[order], best[order]
+    return out_s, out_r, out_c
+
+# %% ../../nbs/5_search/03_index.ipynb #c1b86e7c
+def own_image_stats(reference:np.ndarray, sources:np.ndarray, cells:np.ndarray, start:int)->dict:
+    "Reference statistics of the images of gallery rows `start`.. (`cells` (B, C, D)), each crop's own source image left out"
+    own = torch.from_numpy(sources) - start
+    return reference_image_stats(torch.from_numpy(reference), torch.from_numpy(cells), torch.where(own >= 0, own, len(cells)))
+
+# %% ../../nbs/5_search/03_index.ipynb #598b774e
+@dataclass
+class IndexSpec:
+    "How `SearchIndex.build` indexes a gallery: levels, FAISS kind and parameters, scene size, reference crops, the run"
+    levels:tuple|None=None         # pyramid levels whose cells are indexed; None: `default_levels(image_size)`
+    kind:str='flat'                # 'flat' (exact), 'ivf' or 'hnsw'
+    nlist:int|None=None            # ivf lists; None: default_nlist(cells in the gallery)
+    nprobe:int=16                  # ivf: lists scanned per query
+    M:int=32                       # hnsw: links per node
+    ef_search:int=64               # hnsw: search beam
+    ef_construction:int=40         # hnsw: build beam
+    train_cells:int|None=None      # ivf: cells to train on; None: 64 * nlist (from randomly chosen images)
+    image_size:int|None=None       # scene side S; None: the model's config, else 256
+    reference:int=256              # reference crops for the hubness-reduced scores; 0: none (score 'max' only)
+    reference_images:object=None   # Dataset to cut them from; None: the gallery (a crop's own image left out)
+    seed:int=0                     # chooses the ivf training images and the reference crops
+    batch_size:int=16              # images per forward pass
+    device:object=None             # None: the model's device
+    workers:int=0                  # DataLoader workers that read and resize images
+    skip_unreadable:bool=False     # leave unreadable images out (listed in `index.skipped`) instead of failing
+    progress:bool=True             # tqdm progress bar on stderr
+    def __post_init__(self):
+        if self.levels is not None: self.levels = check_levels(self.levels)
+        if self.batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.reference and self.reference < 2: raise ValueError(f"reference must be 0 (none) or >= 2 crops, got {self.reference}")
+
+# %% ../../nbs/5_search/03_index.ipynb #d48eb973
+def gallery_batches(model, images, spec:IndexSpec, image_size:int, skipped:list, desc:str='index'):
+    "(batch, cells) of the readable images of `images`; an unreadable one fails, or with `spec.skip_unreadable` goes to `skipped`"
+    dl = DataLoader(ReadOrReport(images), batch_size=spec.batch_size, num_workers=spec.workers, collate_fn=SceneCollate(image_size))
+    device = next(model.parameters()).device
+    for b in tqdm(dl, desc=desc, unit='batch', disable=not spec.progress, file=sys.stderr):
+        if b['errors'] and not spec.skip_unreadable:   # the reader's own message may carry the hint already: say it once
+            err = b['errors'][0]
+            raise ImageReadError(err if 'skip-unreadable' in err else f"{err}; {SKIP_HINT}")
+        skipped += b['errors']
+        if len(b['scenes']): yield b, embed_cells(model, b['scenes'].to(device), spec.levels)[0]
+
+# %% ../../nbs/5_search/03_index.ipynb #7e1c9c30
+def plan_build(model, spec:IndexSpec, n_images:int)->tuple:
+    "`spec` with its scene size, levels, device and ivf lists resolved for `model` and `n_images` images, and the scenes' grids"
+    if n_images == 0: raise ValueError("the gallery is empty: no images to index")
+    S = int(spec.image_size or getattr(model, 'config', {}).get('image_size', 256))
+    check_image_size(S)
+    device = torch.device(spec.device) if spec.device else next(model.parameters()).device
+    levels = spec.levels or default_levels(S)
+    grids = embed_cells(model.eval().to(device), torch.zeros(1, 3, S, S, dtype=torch.uint8, device=device), levels)[1]
+    C = sum(h*w for h, w in grids.values())
+    nlist = default_nlist(n_images * C) if spec.kind == 'ivf' and spec.nlist is None else spec.nlist
+    return replace(spec, image_size=S, levels=levels, device=device, nlist=nlist), grids
+
+def gallery_reference(model, images, kept:list, spec:IndexSpec, query_size:int)->tuple:
+    "Reference query embeddings, their gallery rows (None: cut elsewhere) and how they were drawn: `set_reference`'s arguments"
+    own = spec.reference_images is None        # cut from the gallery: Subset row = index row, so a crop's own image is known
+    ref = reference_crops(Subset(images, kept) if own else spec.reference_images, spec.reference, spec.image_size, query_size,
+                          seed=spec.seed, batch_size=4 * spec.batch_size, skip_unreadable=spec.skip_unreadable)
+    if len(ref.crops) < 2: raise ValueError(f"only {len(ref.crops)} of {spec.reference} reference crops could be read: need >= 2")
+    info = dict(origin='gallery' if own else 'reference_images', crops=int(spec.reference), seed=spec.seed, rule='gallery.reference_crops')
+    return embed_reference(model, ref.crops, 4 * spec.batch_size), ref.source if own else None, info
+
+# %% ../../nbs/5_search/03_index.ipynb #542411dd
 class SearchIndex:
     "Grid-cell embeddings of a gallery in a FAISS inner-product index, with each image's id, path and size"
     def __init__(self,
@@ -76,353 +192,203 @@ class SearchIndex:
         ref = f", {len(self.reference)} reference queries" if self.reference is not None else ''
         return f"SearchIndex({len(self)} images x {self.cells_per_image} cells, dim={self.dim}, kind={self.kind!r}, levels={self.levels}{ref})"
 
-# %% ../../nbs/5_search/03_index.ipynb #d2e3c87e
-def _np32(x)->np.ndarray:  # float32, C-contiguous, rows L2-normalised
-    x = x.detach().float().cpu() if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x), dtype=torch.float32)
-    return np.ascontiguousarray(F.normalize(x.reshape(-1, x.shape[-1]), dim=-1).numpy())
+    def train(self, sample)->SearchIndex:  # sample: (N, D) or (B, C, D) cell embeddings
+        "Fit the IVF lists on `sample` (no-op for 'flat' and 'hnsw')"
+        if self.is_trained: return self
+        x = _np32(sample)
+        if len(x) < self.params['nlist']: raise ValueError(f"training needs >= nlist={self.params['nlist']} vectors, got {len(x)}")
+        self.index.train(x)
+        return self
 
-def _train(self:SearchIndex,
-           sample,          # (N, D) or (B, C, D) cell embeddings to fit the IVF lists on
-          )->SearchIndex:
-    "Fit the IVF lists on `sample` (no-op for 'flat' and 'hnsw')"
-    if self.is_trained: return self
-    x = _np32(sample)
-    if len(x) < self.params['nlist']: raise ValueError(f"training needs >= nlist={self.params['nlist']} vectors, got {len(x)}")
-    self.index.train(x)
-    return self
-
-def _add(self:SearchIndex,
-         cells,            # (B, C, D) cell embeddings of B images, C = cells_per_image in layout order
-         image_ids:list,   # B image ids (ints or strings)
-         paths:list,       # B image paths
-         sizes,            # (B, 2) original (width, height) of each image, pixels
-        )->SearchIndex:
-    "Add B images' cells (re-normalised) and their metadata (and their reference statistics, when the index has any)"
-    B = len(cells)
-    if tuple(cells.shape[1:]) != (self.cells_per_image, self.dim):
-        raise ValueError(f"cells must be (B, {self.cells_per_image}, {self.dim}), got {tuple(cells.shape)}")
-    if not (len(image_ids) == len(paths) == len(sizes) == B):
-        raise ValueError(f"got {B} images' cells but {len(image_ids)} ids, {len(paths)} paths and {len(sizes)} sizes")
-    if not self.is_trained: raise ValueError(f"the {self.kind!r} index must be trained (SearchIndex.train) before add")
-    x = _np32(cells)
-    if self.reference is not None: self._stat_parts.append(self._image_stats(x.reshape(B, self.cells_per_image, -1), len(self)))
-    self.index.add(x)                                          # labels continue at len(self) * C
-    self.image_ids += [i.item() if hasattr(i, 'item') else i for i in image_ids]
-    self.paths += [str(p) for p in paths]
-    self.sizes += [(int(w), int(h)) for w, h in np.asarray(sizes).reshape(B, 2)]
-    self._stats = None
-    return self
-
-SearchIndex.train, SearchIndex.add = _train, _add
-
-# %% ../../nbs/5_search/03_index.ipynb #282fdacc
-BLAS_THRESHOLD_PER_THREAD = 800   # batches with nq * d above this times the thread count use FAISS's BLAS path
-
-def _fetch(self:SearchIndex, q:np.ndarray, fetch:int):  # (Q, fetch) scores and labels
-    if self.kind == 'ivf': params = faiss.SearchParametersIVF(nprobe=self.params['nprobe'])
-    elif self.kind == 'hnsw': params = faiss.SearchParametersHNSW(efSearch=max(self.params['ef_search'], fetch))
-    else: params = None
-    old = faiss.cvar.distance_compute_blas_threshold
-    faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD_PER_THREAD * faiss.omp_get_max_threads()
-    try: return self.index.search(q, fetch, params=params)
-    finally: faiss.cvar.distance_compute_blas_threshold = old
-
-def _top_images(self:SearchIndex, q:np.ndarray, k:int, rerank:int, overfetch:int)->tuple:  # k, rerank <= len(self)
-    "Top-`k` images of each query by their best cell (the paper's score): scores, image rows, cells, each (Q, k)"
-    width, n = max(k, rerank), self.index.ntotal
-    fetch = min(n, max(overfetch * width, 1))
-    got, todo = None, np.arange(len(q))                          # queries still short of `width` images
-    while len(todo):
-        s, lab = self._fetch(q[todo], fetch)
-        part = group_max(s, lab, self.cells_per_image, width)
-        if got is None: got = part
-        else:
-            for a, b in zip(got, part): a[todo] = b
-        short = ((part[1] >= 0).sum(1) < width) & ((lab >= 0).sum(1) == fetch)   # index has more to give
-        if fetch >= n: break
-        todo, fetch = todo[short], min(n, 2*fetch)
-    if rerank: got = self._rerank(q, got[1])
-    return tuple(a[:, :k] for a in got)
-
-def _rerank(self:SearchIndex, q:np.ndarray, rows:np.ndarray):  # exact group-max over the candidate rows
-    C, Q, R = self.cells_per_image, *rows.shape
-    out_s = np.full((Q, R), -np.inf, np.float32); out_r, out_c = np.full((Q, R), -1, np.int64), np.full((Q, R), -1, np.int64)
-    for i in range(Q):
-        r = rows[i][rows[i] >= 0]
-        labels = (r[:, None] * C + np.arange(C)).reshape(-1)                  # (R*C,) all cells of the candidates
-        cells = self.index.reconstruct_batch(labels).reshape(len(r), C, -1)  # (R, C, D)
-        top = image_scores(torch.from_numpy(q[i:i+1]), torch.from_numpy(cells), where=True)   # (1, R) each
-        score, best = top.score[0].numpy(), top.cell[0].numpy()
-        order = np.argsort(-score, kind='stable')
-        n = len(r)
-        out_s[i, :n], out_r[i, :n], out_c[i, :n] = score[order], r[order], best[order]
-    return out_s, out_r, out_c
-
-# %% ../../nbs/5_search/03_index.ipynb #e20a50ad
-def _search_vectors(self:SearchIndex,
-                    queries,                # (Q, D) query embeddings
-                    k:int=10,               # images per query (at most the gallery's size are returned)
-                    rerank:int=None,        # re-rank this many best images exactly; None: 4*k for ivf/hnsw, 0 for flat
-                    overfetch:int=8,        # first fetch = overfetch * k cells, doubled as needed
-                    score:str='max',        # image score: 'max' (the paper's), 'zscore' or 'csls' (hubness-reduced)
-                    max_candidates:int=4096,  # hubness-reduced scores: most images re-scored per query
-                   )->tuple:                # scores (Q, k') float32, image rows (Q, k'), cells (Q, k'); k' = min(k, images)
-    "Top-`k` gallery images for each query embedding by the image `score`, with the best cell of each"
-    if isinstance(k, bool) or int(k) < 1: raise ValueError(f"k must be >= 1, got {k!r}")
-    if score not in SCORE_MODES: raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
-    if len(self) == 0: raise ValueError("the index is empty: add images before searching")
-    if score != 'max' and self.reference is None:
-        raise ValueError(f"score {score!r} needs reference statistics, which this index lacks: build it with reference "
-                         f"crops (las-search build --reference N) or use score 'max'")
-    q, k = _np32(queries), min(int(k), len(self))               # memory bounded by the gallery, whatever k is
-    if q.shape[1] != self.dim: raise ValueError(f"queries must be (Q, {self.dim}), got {tuple(q.shape)}")
-    rerank = (0 if self.kind == 'flat' else 4*k) if rerank is None else int(rerank)
-    if rerank < 0: raise ValueError(f"rerank must be >= 0, got {rerank}")
-    rerank = min(rerank, len(self))
-    if score == 'max': return self._top_images(q, k, rerank, overfetch)
-    return self._top_adjusted(q, k, rerank, overfetch, score, max_candidates)
-
-SearchIndex._fetch, SearchIndex._top_images, SearchIndex._rerank = _fetch, _top_images, _rerank
-SearchIndex.search_vectors = _search_vectors
-
-# %% ../../nbs/5_search/03_index.ipynb #7bc24362
-def _set_reference(self:SearchIndex,
-                   queries,            # (R, D) reference query embeddings, R >= 2
-                   sources=None,       # (R,) gallery row each was cut from, -1 = not a gallery image; None: all -1
-                   info:dict=None,     # how they were drawn (saved with the index)
-                   chunk:int=1024,     # images whose cells are reconstructed at a time
-                  )->SearchIndex:
-    "Store reference queries and compute every image's reference statistics (new images get theirs in `add`)"
-    q = _np32(queries)
-    if len(q) < 2 or q.shape[1] != self.dim: raise ValueError(f"reference queries must be (R >= 2, {self.dim}), got {tuple(q.shape)}")
-    src = np.full(len(q), -1, np.int64) if sources is None else np.asarray(sources, dtype=np.int64).reshape(-1)
-    if len(src) != len(q) or ((src < -1) | (src >= len(self))).any():
-        raise ValueError(f"sources must be {len(q)} gallery rows in [-1, {len(self)})")
-    self.reference, self.reference_sources, self.reference_info = q, src, dict(info or {})
-    self._stat_parts, self._stats, C = [], None, self.cells_per_image
-    for start in range(0, len(self), chunk):
-        n = min(chunk, len(self) - start)
-        self._stat_parts.append(self._image_stats(self.index.reconstruct_n(start * C, n * C).reshape(n, C, -1), start))
-    return self
-
-def _image_stats(self:SearchIndex, cells:np.ndarray, start:int)->dict:  # cells (B, C, D) of rows start..start+B-1
-    own = torch.from_numpy(self.reference_sources) - start
-    return reference_image_stats(torch.from_numpy(self.reference), torch.from_numpy(cells), torch.where(own >= 0, own, len(cells)))
-
-def _ref_stats(self:SearchIndex)->dict:  # mean, std, csls: each (G,) float32; None without reference queries
-    if self.reference is None: return None
-    if self._stats is None:
-        self._stats = {n: torch.cat([p[n] for p in self._stat_parts]) if self._stat_parts else torch.empty(0)
-                       for n in ('mean', 'std', 'csls')}
-        self._stat_parts = [self._stats]
-    return self._stats
-
-def _top_adjusted(self:SearchIndex, q:np.ndarray, k:int, rerank:int, overfetch:int, mode:str, max_candidates:int)->tuple:
-    if self.kind == 'flat': return self._exact_adjusted(q, k, mode)
-    top = lambda rows, W: self._top_images(q[rows], W, W, overfetch)      # candidates re-ranked exactly
-    return adjusted_top_k(top, len(q), k, self.ref_stats, mode, max(4 * k, rerank, 16), max_candidates)
-
-def _exact_adjusted(self:SearchIndex, q:np.ndarray, k:int, mode:str)->tuple:  # flat: one pass over FAISS's own buffer
-    xb = faiss.rev_swig_ptr(self.index.get_xb(), self.index.ntotal * self.dim).reshape(len(self), self.cells_per_image, self.dim)
-    return exact_adjusted_top_k(xb, q, k, self.ref_stats, mode)
-
-SearchIndex.set_reference, SearchIndex._image_stats, SearchIndex.ref_stats = _set_reference, _image_stats, property(_ref_stats)
-SearchIndex._top_adjusted, SearchIndex._exact_adjusted = _top_adjusted, _exact_adjusted
-
-# %% ../../nbs/5_search/03_index.ipynb #300d9d0b
-def _save(self:SearchIndex,
-          path,                  # folder to write
-          overwrite:bool=False,  # replace an existing index folder
-          lock:bool=True,        # take the folder's lock (False when the caller holds `search.store.index_lock(path)`)
-         )->Path:
-    "Write the index to the folder `path`, atomically"
-    def write_files(tmp:Path):
-        faiss.write_index(self.index, str(tmp/'index.faiss'))
-        (tmp/'images.json').write_text(json.dumps(dict(image_id=self.image_ids, path=self.paths,
-                                                       width=[w for w, _ in self.sizes], height=[h for _, h in self.sizes])))
+    def add(self,
+            cells,            # (B, C, D) cell embeddings of B images, C = cells_per_image in layout order
+            image_ids:list,   # B image ids (ints or strings)
+            paths:list,       # B image paths
+            sizes,            # (B, 2) original (width, height) of each image, pixels
+           )->SearchIndex:
+        "Add B images' cells (re-normalised) and their metadata (and their reference statistics, when the index has any)"
+        B = len(cells)
+        if tuple(cells.shape[1:]) != (self.cells_per_image, self.dim):
+            raise ValueError(f"cells must be (B, {self.cells_per_image}, {self.dim}), got {tuple(cells.shape)}")
+        if not (len(image_ids) == len(paths) == len(sizes) == B):
+            raise ValueError(f"got {B} images' cells but {len(image_ids)} ids, {len(paths)} paths and {len(sizes)} sizes")
+        if not self.is_trained: raise ValueError(f"the {self.kind!r} index must be trained (SearchIndex.train) before add")
+        x = _np32(cells)
         if self.reference is not None:
-            with open(tmp/'reference.npz', 'wb') as f:
-                np.savez(f, queries=self.reference, sources=self.reference_sources, **{n: v.numpy() for n, v in self.ref_stats.items()})
-    ref = None if self.reference is None else dict(self.reference_info, n=len(self.reference))
-    meta = dict(kind=self.kind, dim=self.dim, grids=self.layout.grids, image_size=self.image_size, query_size=self.query_size,
-                params=self.params, n_images=len(self), cells_per_image=self.cells_per_image, model=self.model_info,
-                default_score=self.default_score, reference=ref)
-    return write_index_folder(path, write_files, meta, overwrite, lock)
+            self._stat_parts.append(own_image_stats(self.reference, self.reference_sources, x.reshape(B, self.cells_per_image, -1), len(self)))
+        self.index.add(x)                                          # labels continue at len(self) * C
+        self.image_ids += [i.item() if hasattr(i, 'item') else i for i in image_ids]
+        self.paths += [str(p) for p in paths]
+        self.sizes += [(int(w), int(h)) for w, h in np.asarray(sizes).reshape(B, 2)]
+        self._stats = None
+        return self
 
-SearchIndex.save = _save
+    def search_vectors(self,
+                       queries,                # (Q, D) query embeddings
+                       k:int=10,               # images per query (at most the gallery's size are returned)
+                       rerank:int=None,        # re-rank this many best images exactly; None: 4*k for ivf/hnsw, 0 for flat
+                       overfetch:int=8,        # first fetch = overfetch * k cells, doubled as needed
+                       score:str='max',        # image score: 'max' (the paper's), 'zscore' or 'csls' (hubness-reduced)
+                       max_candidates:int=4096,  # hubness-reduced scores: most images re-scored per query
+                      )->tuple:                # scores (Q, k') float32, image rows (Q, k'), cells (Q, k'); k' = min(k, images)
+        "Top-`k` gallery images for each query embedding by the image `score`, with the best cell of each"
+        if isinstance(k, bool) or int(k) < 1: raise ValueError(f"k must be >= 1, got {k!r}")
+        if score not in SCORE_MODES: raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
+        if len(self) == 0: raise ValueError("the index is empty: add images before searching")
+        if score != 'max' and self.reference is None:
+            raise ValueError(f"score {score!r} needs reference statistics, which this index lacks: build it with reference "
+                             f"crops (las-search build --reference N) or use score 'max'")
+        q, k = _np32(queries), min(int(k), len(self))               # memory bounded by the gallery, whatever k is
+        if q.shape[1] != self.dim: raise ValueError(f"queries must be (Q, {self.dim}), got {tuple(q.shape)}")
+        rerank = (0 if self.kind == 'flat' else 4*k) if rerank is None else int(rerank)
+        if rerank < 0: raise ValueError(f"rerank must be >= 0, got {rerank}")
+        rerank = min(rerank, len(self))
+        if score == 'max': return self._top_images(q, k, rerank, overfetch)
+        if self.kind == 'flat':                                      # one pass over FAISS's own buffer
+            xb = faiss.rev_swig_ptr(self.index.get_xb(), self.index.ntotal * self.dim).reshape(len(self), self.cells_per_image, self.dim)
+            return exact_adjusted_top_k(xb, q, k, self.ref_stats, score)
+        top = lambda rows, W: self._top_images(q[rows], W, W, overfetch)      # candidates re-ranked exactly
+        return adjusted_top_k(top, len(q), k, self.ref_stats, score, max(4 * k, rerank, 16), max_candidates)
 
-# %% ../../nbs/5_search/03_index.ipynb #d7dc8a00
-def _read_reference(self:SearchIndex, f:Path):
-    try:
-        with np.load(f, allow_pickle=False) as z: arr = {n: z[n] for n in ('queries', 'sources', 'mean', 'std', 'csls')}
-    except Exception as e: raise IndexFormatError(f"{f} could not be read ({type(e).__name__}: {e})") from None
-    G, R = len(self), len(arr['queries'])
-    if arr['queries'].shape != (R, self.dim) or R < 2 or arr['sources'].shape != (R,) or any(arr[n].shape != (G,) for n in ('mean', 'std', 'csls')):
-        raise IndexFormatError(f"{f} holds arrays of the wrong shapes for {G} images of dim {self.dim}")
-    self.reference, self.reference_sources = arr['queries'].astype(np.float32), arr['sources'].astype(np.int64)
-    self._stat_parts, self._stats = [{n: torch.from_numpy(arr[n].astype(np.float32)) for n in ('mean', 'std', 'csls')}], None
+    def _top_images(self, q:np.ndarray, k:int, rerank:int, overfetch:int)->tuple:  # k, rerank <= len(self)
+        fetch = lambda q, n: search_cells(self.index, self.kind, self.params, q, n)
+        got = top_images(fetch, q, max(k, rerank), overfetch, self.index.ntotal, self.cells_per_image)
+        if rerank: got = rerank_exact(self.index, q, got[1], self.cells_per_image)
+        return tuple(a[:, :k] for a in got)
 
-def _load(cls,
-          path,               # folder written by `save`
-          model=None,         # model to attach for `search`/`locate` (optional)
-          verify:bool=True,   # check the SHA-256 of the files (reads them twice)
-         )->SearchIndex:
-    "Read an index saved by `SearchIndex.save`, failing with `IndexFormatError` naming any bad file"
-    path = Path(path)
-    meta = read_index_meta(path)
-    fi, fj = (check_index_file(path, n, meta, verify) for n in ('index.faiss', 'images.json'))
-    try: images = json.loads(fj.read_text())
-    except (ValueError, UnicodeDecodeError) as e: raise IndexFormatError(f"{fj} is not valid JSON: {e}") from None
-    p = meta['params']
-    try: check_index_params(meta['kind'], **p)
-    except (ValueError, TypeError) as e: raise IndexFormatError(f"{path/'meta.json'}: {e}") from None
-    self = cls(meta['dim'], meta['grids'], meta['image_size'], 'flat', nprobe=p['nprobe'], M=p['M'],
-               ef_search=p['ef_search'], ef_construction=p['ef_construction'], query_size=meta.get('query_size', 64))
-    try: self.index = faiss.read_index(str(fi))
-    except Exception as e: raise IndexFormatError(f"{fi} could not be read by FAISS: {str(e).splitlines()[-1][:200]}") from None
-    self.kind, self.params, self.model_info, self.model = meta['kind'], p, meta.get('model', {}), model
-    n = meta['n_images']
-    if self.index.ntotal != n * self.cells_per_image or self.index.d != self.dim:
-        raise IndexFormatError(f"{fi} holds {self.index.ntotal} vectors of dim {self.index.d}, meta.json expects {n}x{self.cells_per_image} of dim {self.dim}")
-    if not isinstance(images, dict) or not all(len(images.get(c, ())) == n for c in ('image_id', 'path', 'width', 'height')):
-        raise IndexFormatError(f"{fj} must list image_id, path, width and height for {n} images")
-    self.image_ids, self.paths = images['image_id'], images['path']
-    self.sizes = list(zip(images['width'], images['height']))
-    if meta.get('reference'):
-        self._read_reference(check_index_file(path, 'reference.npz', meta, verify))
-        self.reference_info = {k: v for k, v in meta['reference'].items() if k != 'n'}
-    self.default_score = meta.get('default_score', 'max')
-    if self.default_score not in SCORE_MODES or (self.default_score != 'max' and self.reference is None):
-        raise IndexFormatError(f"{path/'meta.json'}: default_score {self.default_score!r} is not a usable score of this index")
-    return self
+    def set_reference(self,
+                      queries,            # (R, D) reference query embeddings, R >= 2
+                      sources=None,       # (R,) gallery row each was cut from, -1 = not a gallery image; None: all -1
+                      info:dict=None,     # how they were drawn (saved with the index)
+                      chunk:int=1024,     # images whose cells are reconstructed at a time
+                     )->SearchIndex:
+        "Store reference queries and compute every image's reference statistics (new images get theirs in `add`)"
+        q = _np32(queries)
+        if len(q) < 2 or q.shape[1] != self.dim: raise ValueError(f"reference queries must be (R >= 2, {self.dim}), got {tuple(q.shape)}")
+        src = np.full(len(q), -1, np.int64) if sources is None else np.asarray(sources, dtype=np.int64).reshape(-1)
+        if len(src) != len(q) or ((src < -1) | (src >= len(self))).any():
+            raise ValueError(f"sources must be {len(q)} gallery rows in [-1, {len(self)})")
+        self.reference, self.reference_sources, self.reference_info = q, src, dict(info or {})
+        self._stat_parts, self._stats, C = [], None, self.cells_per_image
+        for start in range(0, len(self), chunk):
+            cells = self.index.reconstruct_n(start * C, min(chunk, len(self) - start) * C).reshape(-1, C, self.dim)
+            self._stat_parts.append(own_image_stats(q, src, cells, start))
+        return self
 
-SearchIndex._read_reference, SearchIndex.load = _read_reference, classmethod(_load)
+    @property
+    def ref_stats(self)->dict:  # mean, std, csls: each (G,) float32; None without reference queries
+        if self.reference is None: return None
+        if self._stats is None:
+            self._stats = {n: torch.cat([p[n] for p in self._stat_parts]) if self._stat_parts else torch.empty(0) for n in REFERENCE_STATS}
+            self._stat_parts = [self._stats]
+        return self._stats
 
-# %% ../../nbs/5_search/03_index.ipynb #598b774e
-_SKIP_HINT = "pass --skip-unreadable (skip_unreadable=True) to leave unreadable images out"
+    def save(self,
+             path,                  # folder to write
+             overwrite:bool=False,  # replace an existing index folder
+             lock:bool=True,        # take the folder's lock (False when the caller holds `search.store.index_lock(path)`)
+            )->Path:
+        "Write the index to the folder `path`, atomically"
+        def write_files(tmp:Path):
+            faiss.write_index(self.index, str(tmp/'index.faiss'))
+            (tmp/'images.json').write_text(json.dumps(dict(image_id=self.image_ids, path=self.paths,
+                                                           width=[w for w, _ in self.sizes], height=[h for _, h in self.sizes])))
+            if self.reference is not None:
+                with open(tmp/'reference.npz', 'wb') as f:
+                    np.savez(f, queries=self.reference, sources=self.reference_sources, **{n: v.numpy() for n, v in self.ref_stats.items()})
+        ref = None if self.reference is None else dict(self.reference_info, n=len(self.reference))
+        meta = dict(kind=self.kind, dim=self.dim, grids=self.layout.grids, image_size=self.image_size, query_size=self.query_size,
+                    params=self.params, n_images=len(self), cells_per_image=self.cells_per_image, model=self.model_info,
+                    default_score=self.default_score, reference=ref)
+        return write_index_folder(path, write_files, meta, overwrite, lock)
 
-@dataclass
-class IndexSpec:
-    "How `SearchIndex.build` indexes a gallery: levels, FAISS kind and parameters, scene size, reference crops, the run"
-    levels:tuple|None=None         # pyramid levels whose cells are indexed; None: `default_levels(image_size)`
-    kind:str='flat'                # 'flat' (exact), 'ivf' or 'hnsw'
-    nlist:int|None=None            # ivf lists; None: default_nlist(cells in the gallery)
-    nprobe:int=16                  # ivf: lists scanned per query
-    M:int=32                       # hnsw: links per node
-    ef_search:int=64               # hnsw: search beam
-    ef_construction:int=40         # hnsw: build beam
-    train_cells:int|None=None      # ivf: cells to train on; None: 64 * nlist (from randomly chosen images)
-    image_size:int|None=None       # scene side S; None: the model's config, else 256
-    reference:int=256              # reference crops for the hubness-reduced scores; 0: none (score 'max' only)
-    reference_images:object=None   # Dataset to cut them from; None: the gallery (a crop's own image left out)
-    seed:int=0                     # chooses the ivf training images and the reference crops
-    batch_size:int=16              # images per forward pass
-    device:object=None             # None: the model's device
-    workers:int=0                  # DataLoader workers that read and resize images
-    skip_unreadable:bool=False     # leave unreadable images out (listed in `index.skipped`) instead of failing
-    progress:bool=True             # tqdm progress bar on stderr
-    def __post_init__(self):
-        if self.levels is not None: self.levels = check_levels(self.levels)
-        if self.batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.reference and self.reference < 2: raise ValueError(f"reference must be 0 (none) or >= 2 crops, got {self.reference}")
+    @classmethod
+    def load(cls,
+             path,               # folder written by `save`
+             model=None,         # model to attach for `search`/`locate` (optional)
+             verify:bool=True,   # check the SHA-256 of the files (reads them twice)
+            )->SearchIndex:
+        "Read an index saved by `SearchIndex.save`, failing with `IndexFormatError` naming any bad file"
+        meta, index, images = read_index_folder(Path(path), verify)
+        p = meta['params']
+        self = cls(meta['dim'], meta['grids'], meta['image_size'], 'flat', nprobe=p['nprobe'], M=p['M'],
+                   ef_search=p['ef_search'], ef_construction=p['ef_construction'], query_size=meta.get('query_size', 64))
+        self.index, self.kind, self.params, self.model_info, self.model = index, meta['kind'], p, meta.get('model', {}), model
+        self.image_ids, self.paths, self.sizes = images['image_id'], images['path'], list(zip(images['width'], images['height']))
+        if meta.get('reference'):
+            self.reference, self.reference_sources, stats = read_reference_file(
+                check_index_file(Path(path), 'reference.npz', meta, verify), len(self), self.dim)
+            self._stat_parts, self.reference_info = [stats], {k: v for k, v in meta['reference'].items() if k != 'n'}
+        self.default_score = meta.get('default_score', 'max')
+        return self
 
-# %% ../../nbs/5_search/03_index.ipynb #6698ff8c
-def _build(cls,
-           model,                  # LearnAndSearch (its `dim`, `levels`, `config` are used)
-           images,                 # gallery Dataset of dicts with image, image_id, path (CocoImages, FolderImages)
-           spec:IndexSpec=None,    # how to build; None: `IndexSpec()`
-           **fields,               # `IndexSpec` fields that override `spec`'s
-          )->SearchIndex:
-    "Embed a gallery, batch by batch, into a new `SearchIndex`, with reference statistics for hubness-reduced scores"
-    s, n = replace(spec or IndexSpec(), **fields), len(images)
-    if n == 0: raise ValueError("the gallery is empty: no images to index")
-    image_size = int(s.image_size or getattr(model, 'config', {}).get('image_size', 256))
-    check_image_size(image_size)
-    s = replace(s, levels=s.levels or default_levels(image_size))
-    device = torch.device(s.device) if s.device else next(model.parameters()).device
-    model = model.eval().to(device)
-    _, grids = embed_cells(model, torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device), s.levels)
-    C = sum(h*w for h, w in grids.values())
-    nlist = default_nlist(n * C) if s.kind == 'ivf' and s.nlist is None else s.nlist
-    self = cls(model.dim, grids, image_size, s.kind, nlist, s.nprobe, s.M, s.ef_search, s.ef_construction,
-               query_size=getattr(model, 'config', {}).get('query_size', 64))
-    self.model, self.model_info = model, dict(config=getattr(model, 'config', {}), fingerprint=model_fingerprint(model))
-    def batches(ds, desc):                      # (batch, cells) of the readable images of `ds`
-        dl = DataLoader(ReadOrReport(ds), batch_size=s.batch_size, num_workers=s.workers, collate_fn=SceneCollate(image_size))
-        for b in tqdm(dl, desc=desc, unit='batch', disable=not s.progress, file=sys.stderr):
-            if b['errors'] and not s.skip_unreadable:   # the reader's own message may carry the hint already: say it once
-                err = b['errors'][0]
-                raise ImageReadError(err if 'skip-unreadable' in err else f"{err} ({_SKIP_HINT})")
-            if desc == 'index': self.skipped += b['errors']
-            if len(b['scenes']): yield b, embed_cells(model, b['scenes'].to(device), s.levels)[0]
-    if not self.is_trained:
-        n_train = min(n, math.ceil((s.train_cells or 64 * self.params['nlist']) / C))
-        pick = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed))[:n_train].sort().values.tolist()
-        self.train(torch.cat([cells for _, cells in batches(Subset(images, pick), 'train ivf')]))
-    kept = []                                   # dataset index of each added image = its gallery row
-    for b, cells in batches(images, 'index'): self.add(cells, b['image_id'], b['path'], b['size']); kept += b['position']
-    if not len(self): raise ImageReadError(f"none of the {n} gallery images could be read ({len(self.skipped)} skipped)")
-    if self.skipped: _log.warning('left out %d unreadable gallery image(s): %s', len(self.skipped), '; '.join(self.skipped))
-    if s.reference:
-        own = s.reference_images is None        # cut from the gallery: Subset row = index row, so a crop's own image is known
-        ref = reference_crops(Subset(images, kept) if own else s.reference_images, s.reference, image_size, self.query_size,
-                              seed=s.seed, batch_size=4 * s.batch_size, skip_unreadable=s.skip_unreadable)
-        if len(ref.crops) < 2: raise ValueError(f"only {len(ref.crops)} of {s.reference} reference crops could be read: need >= 2")
-        self.set_reference(embed_reference(model, ref.crops, 4 * s.batch_size), ref.source if own else None,
-                           dict(origin='gallery' if own else 'reference_images', crops=int(s.reference), seed=s.seed,
-                                rule='gallery.reference_crops'))
-        self.default_score = DEFAULT_SCORE
-    return self
+    @classmethod
+    def build(cls,
+              model,                  # LearnAndSearch (its `dim`, `levels`, `config` are used)
+              images,                 # gallery Dataset of dicts with image, image_id, path (CocoImages, FolderImages)
+              spec:IndexSpec=None,    # how to build; None: `IndexSpec()`
+              **fields,               # `IndexSpec` fields that override `spec`'s
+             )->SearchIndex:
+        "Embed a gallery, batch by batch, into a new `SearchIndex`, with reference statistics for hubness-reduced scores"
+        s, grids = plan_build(model, replace(spec or IndexSpec(), **fields), len(images))
+        config = getattr(model, 'config', {})
+        self = cls(model.dim, grids, s.image_size, s.kind, s.nlist, s.nprobe, s.M, s.ef_search, s.ef_construction,
+                   query_size=config.get('query_size', 64))
+        self.model, self.model_info = model, dict(config=config, fingerprint=model_fingerprint(model))
+        if not self.is_trained:                     # ivf: lists fitted on the cells of randomly chosen images
+            n = min(len(images), math.ceil((s.train_cells or 64 * s.nlist) / self.cells_per_image))
+            pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(s.seed))[:n].sort().values.tolist()
+            self.train(torch.cat([c for _, c in gallery_batches(model, Subset(images, pick), s, s.image_size, [], 'train ivf')]))
+        kept = []                                   # dataset index of each added image = its gallery row
+        for b, cells in gallery_batches(model, images, s, s.image_size, self.skipped):
+            self.add(cells, b['image_id'], b['path'], b['size']); kept += b['position']
+        if not len(self): raise ImageReadError(f"none of the {len(images)} gallery images could be read ({len(self.skipped)} skipped)")
+        if self.skipped: _log.warning('left out %d unreadable gallery image(s): %s', len(self.skipped), '; '.join(self.skipped))
+        if s.reference:
+            self.set_reference(*gallery_reference(model, images, kept, s, self.query_size))
+            self.default_score = DEFAULT_SCORE
+        return self
 
-SearchIndex.build = classmethod(_build)
+    def results(self, scores, rows, cells)->list:  # per query: list of result dicts
+        "Result dicts (image path, image_id, score, box xywh in original pixels, level) from `search_vectors` arrays"
+        out = []
+        for s, r, c in zip(scores, rows, cells):
+            s, r, c = s[r >= 0], r[r >= 0], c[r >= 0]
+            wh = np.array([self.sizes[i] for i in r], dtype=np.float64).reshape(-1, 2)
+            boxes, lv = self.layout.boxes(c, wh[:, 0], wh[:, 1]), self.layout.level_of(c)
+            out.append([dict(image=self.paths[i], image_id=self.image_ids[i], score=round(float(v), 6),
+                             box=[round(float(x), 2) for x in b], level=self.levels[l]) for i, v, b, l in zip(r, s, boxes, lv)])
+        return out
 
-# %% ../../nbs/5_search/03_index.ipynb #7b8bc314
-def _results(self:SearchIndex, scores, rows, cells)->list:  # per query: list of result dicts
-    "Result dicts (image path, image_id, score, box xywh in original pixels, level) from `search_vectors` arrays"
-    out = []
-    for s, r, c in zip(scores, rows, cells):
-        ok = r >= 0
-        s, r, c = s[ok], r[ok], c[ok]
-        wh = np.array([self.sizes[i] for i in r], dtype=np.float64).reshape(-1, 2)
-        boxes, lv = self.layout.boxes(c, wh[:, 0], wh[:, 1]), self.layout.level_of(c)
-        out.append([dict(image=self.paths[i], image_id=self.image_ids[i], score=round(float(v), 6),
-                         box=[round(float(x), 2) for x in b], level=self.levels[l]) for i, v, b, l in zip(r, s, boxes, lv)])
-    return out
+    def _need_model(self):
+        if self.model is None: raise ValueError("no model attached to this index: pass model= to SearchIndex.load or set index.model")
+        return self.model
 
-def _need_model(self:SearchIndex):
-    if self.model is None: raise ValueError("no model attached to this index: pass model= to SearchIndex.load or set index.model")
-    return self.model
+    def search(self,
+               query_image,       # path or uint8 (3, H, W)
+               box,               # xywh of the object in `query_image`, original pixels
+               k:int=10,          # images to return (at most the gallery's size)
+               rerank:int=None,   # see `search_vectors`
+               score:str=None,    # 'max', 'zscore' or 'csls'; None: `default_score` (set by `build`)
+              )->list:            # up to k dicts: image, image_id, score, box (xywh original pixels of that image), level
+        "The `k` gallery images that best contain the `box` crop of `query_image`"
+        if isinstance(k, bool) or int(k) < 1: raise ValueError(f"k must be >= 1, got {k!r}")
+        q, _ = embed_query(self._need_model(), query_image, box, self.image_size, self.query_size)
+        return self.results(*self.search_vectors(q[None], k, rerank, score=score or self.default_score))[0]
 
-def _search(self:SearchIndex,
-            query_image,       # path or uint8 (3, H, W)
-            box,               # xywh of the object in `query_image`, original pixels
-            k:int=10,          # images to return (at most the gallery's size)
-            rerank:int=None,   # see `search_vectors`
-            score:str=None,    # 'max', 'zscore' or 'csls'; None: `default_score` (set by `build`)
-           )->list:            # up to k dicts: image, image_id, score, box (xywh original pixels of that image), level
-    "The `k` gallery images that best contain the `box` crop of `query_image`"
-    if isinstance(k, bool) or int(k) < 1: raise ValueError(f"k must be >= 1, got {k!r}")
-    q, _ = embed_query(self._need_model(), query_image, box, self.image_size, self.query_size)
-    return self.results(*self.search_vectors(q[None], k, rerank, score=score or self.default_score))[0]
-
-SearchIndex.results, SearchIndex._need_model, SearchIndex.search = _results, _need_model, _search
-
-# %% ../../nbs/5_search/03_index.ipynb #4fa60c01
-def _locate(self:SearchIndex,
-            query_image, box,   # query image (path or uint8 (3, H, W)) and the object's xywh in it
-            image,              # path or uint8 (3, H, W) image to look in
-            levels=None,        # levels to map; None: the index's levels
-           )->dict:             # heatmaps level -> (H, W) cosine, box xywh in `image` pixels, score, level
-    "Per-level similarity heatmaps of the `box` crop over `image`, and the box of its best cell"
-    model, levels = self._need_model(), self.levels if levels is None else tuple(levels)
-    q, _ = embed_query(model, query_image, box, self.image_size, self.query_size)
-    img = as_image(image)
-    scene = resize_square(img, self.image_size)[None].to(next(model.parameters()).device)
-    cells, grids = embed_cells(model, scene, levels)                 # (1, C, D)
-    layout, sim = CellLayout(grids, self.image_size), cells[0] @ q   # (C,)
-    best = int(sim.argmax())
-    return dict(heatmaps={l: sim[layout.offsets[i]:layout.offsets[i+1]].reshape(grids[l]) for i, l in enumerate(levels)},
-                box=layout.boxes([best], img.shape[-1], img.shape[-2])[0].tolist(), score=float(sim[best]),
-                level=levels[int(layout.level_of(best))])
-
-SearchIndex.locate = _locate
+    def locate(self,
+               query_image, box,   # query image (path or uint8 (3, H, W)) and the object's xywh in it
+               image,              # path or uint8 (3, H, W) image to look in
+               levels=None,        # levels to map; None: the index's levels
+              )->dict:             # heatmaps level -> (H, W) cosine, box xywh in `image` pixels, score, level
+        "Per-level similarity heatmaps of the `box` crop over `image`, and the box of its best cell"
+        model, levels = self._need_model(), self.levels if levels is None else tuple(levels)
+        q, _ = embed_query(model, query_image, box, self.image_size, self.query_size)
+        img = as_image(image)
+        scene = resize_square(img, self.image_size)[None].to(next(model.parameters()).device)
+        cells, grids = embed_cells(model, scene, levels)                 # (1, C, D)
+        layout, sim = CellLayout(grids, self.image_size), cells[0] @ q   # (C,)
+        best = int(sim.argmax())
+        return dict(heatmaps={l: sim[layout.offsets[i]:layout.offsets[i+1]].reshape(grids[l]) for i, l in enumerate(levels)},
+                    box=layout.boxes([best], img.shape[-1], img.shape[-2])[0].tolist(), score=float(sim[best]),
+                    level=levels[int(layout.level_of(best))])

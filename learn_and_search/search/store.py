@@ -7,11 +7,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import faiss
+import numpy as np
+import torch
+
+from ..cells import CellLayout
+from ..evaluate.hubness import SCORE_MODES
+from .layout import check_index_params
 from ..utils import RunLock, atomic_folder, remove_folder_leftovers, sha256_file
 
 # %% auto #0
-__all__ = ['FORMAT', 'FORMAT_VERSION', 'READABLE_VERSIONS', 'IndexFormatError', 'index_lock', 'check_index_target',
-           'write_index_folder', 'read_index_meta', 'check_index_file']
+__all__ = ['FORMAT', 'FORMAT_VERSION', 'READABLE_VERSIONS', 'REFERENCE_STATS', 'IndexFormatError', 'index_lock',
+           'check_index_target', 'write_index_folder', 'read_index_meta', 'check_index_file', 'read_index_folder',
+           'read_reference_file']
 
 # %% ../../nbs/5_search/02_store.ipynb #46b7dc39
 FORMAT, FORMAT_VERSION = 'learn_and_search.SearchIndex', 2
@@ -87,3 +95,37 @@ def check_index_file(path, name:str, meta:dict, verify:bool=True)->Path:
     if size != info.get('bytes'): raise IndexFormatError(f"{f} has {size} bytes, meta.json says {info.get('bytes')}: truncated or corrupt")
     if verify and sha256_file(f) != info.get('sha256'): raise IndexFormatError(f"{f} fails its SHA-256 check: corrupt")
     return f
+
+# %% ../../nbs/5_search/02_store.ipynb #5e1ff7d2
+REFERENCE_STATS = ('mean', 'std', 'csls')   # per-image statistics over the reference queries
+
+def read_index_folder(path:Path, verify:bool=True)->tuple:
+    "meta.json, the FAISS index and images.json of an index folder, each checked against meta.json"
+    meta = read_index_meta(path)
+    fi, fj = (check_index_file(path, n, meta, verify) for n in ('index.faiss', 'images.json'))
+    try: images = json.loads(fj.read_text())
+    except (ValueError, UnicodeDecodeError) as e: raise IndexFormatError(f"{fj} is not valid JSON: {e}") from None
+    try: check_index_params(meta['kind'], **meta['params'])
+    except (ValueError, TypeError) as e: raise IndexFormatError(f"{path/'meta.json'}: {e}") from None
+    try: index = faiss.read_index(str(fi))
+    except Exception as e: raise IndexFormatError(f"{fi} could not be read by FAISS: {str(e).splitlines()[-1][:200]}") from None
+    n, C = meta['n_images'], CellLayout(meta['grids'], meta['image_size']).cells_per_image
+    if index.ntotal != n * C or index.d != meta['dim']:
+        raise IndexFormatError(f"{fi} holds {index.ntotal} vectors of dim {index.d}, meta.json expects {n}x{C} of dim {meta['dim']}")
+    if not isinstance(images, dict) or not all(len(images.get(c, ())) == n for c in ('image_id', 'path', 'width', 'height')):
+        raise IndexFormatError(f"{fj} must list image_id, path, width and height for {n} images")
+    score = meta.get('default_score', 'max')
+    if score not in SCORE_MODES or (score != 'max' and not meta.get('reference')):
+        raise IndexFormatError(f"{path/'meta.json'}: default_score {score!r} is not a usable score of this index")
+    return meta, index, images
+
+def read_reference_file(f:Path, n_images:int, dim:int)->tuple:
+    "Reference queries (R, D), their sources (R,) and the images' statistics from `reference.npz`, checked"
+    try:
+        with np.load(f, allow_pickle=False) as z: arr = {n: z[n] for n in ('queries', 'sources', *REFERENCE_STATS)}
+    except Exception as e: raise IndexFormatError(f"{f} could not be read ({type(e).__name__}: {e})") from None
+    R = len(arr['queries'])
+    if arr['queries'].shape != (R, dim) or R < 2 or arr['sources'].shape != (R,) or any(arr[n].shape != (n_images,) for n in REFERENCE_STATS):
+        raise IndexFormatError(f"{f} holds arrays of the wrong shapes for {n_images} images of dim {dim}")
+    return (arr['queries'].astype(np.float32), arr['sources'].astype(np.int64),
+            {n: torch.from_numpy(arr[n].astype(np.float32)) for n in REFERENCE_STATS})
