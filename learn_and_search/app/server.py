@@ -22,26 +22,56 @@ from ..search.index import SearchIndex
 from ..search.layout import default_levels, requested_levels
 from ..cells import STRIDES
 from ..search.cli import open_index, printable
-from fastcore.basics import patch
 from ..utils import run_cli, script_entry
 
 # %% auto #0
-__all__ = ['MAX_UPLOAD_BYTES', 'MAX_UPLOADS', 'MIN_BOX_SIDE', 'MAX_K', 'PAGE', 'LookupApp', 'make_server_for', 'serve_in_thread',
-           'make_app', 'main']
+__all__ = ['MAX_UPLOAD_BYTES', 'MAX_UPLOADS', 'MIN_BOX_SIDE', 'MAX_K', 'PAGE', 'Uploads', 'LookupApp', 'respond',
+           'make_server_for', 'serve_in_thread', 'make_app', 'main']
 
-# %% ../../nbs/7_app/00_server.ipynb #app02cls
+# %% ../../nbs/7_app/00_server.ipynb #1458cffd
 MAX_UPLOAD_BYTES = 20 * 2**20   # an upload larger than this is refused before it is read
 MAX_UPLOADS = 16                # uploads kept in memory (the oldest are forgotten)
 MIN_BOX_SIDE = 4                # px of the image: a smaller box holds too little of an object to look it up
 MAX_K = 100                     # results per query the page may ask for
 
+# %% ../../nbs/7_app/00_server.ipynb #3d55ddf8
+class Uploads:
+    "The last `keep` uploaded images by number, decoded and checked, shared safely by the server's threads"
+    def __init__(self, max_bytes:int=MAX_UPLOAD_BYTES, keep:int=MAX_UPLOADS):
+        self.max_bytes, self.keep = int(max_bytes), int(keep)
+        self.images, self._next, self._lock = OrderedDict(), 0, threading.Lock()
+
+    def add(self, data:bytes, name:str='upload')->tuple:   # (number, uint8 (3, H, W) image)
+        "Keep an uploaded image (refused when too large, empty, undecodable or a decompression bomb)"
+        if len(data) > self.max_bytes:
+            raise ValueError(f"{name}: {len(data) / 2**20:.1f} MB is over the {self.max_bytes / 2**20:.0f} MB upload limit")
+        if not data: raise ValueError(f"{name}: the upload is empty")
+        with tempfile.TemporaryDirectory(prefix='las-app-') as d:
+            path = Path(d)/'upload'
+            path.write_bytes(data)
+            try: img = as_image(path)   # the pixel limit is checked from the header, before decoding
+            except ImageReadError as e: raise ValueError(str(e).replace(str(path), printable(name))) from None
+        with self._lock:
+            n, self._next = self._next, self._next + 1
+            self.images[n] = img
+            while len(self.images) > self.keep: self.images.popitem(last=False)
+        return n, img
+
+    def get(self, n:int)->torch.Tensor:
+        "The upload numbered `n`, while it is kept"
+        with self._lock: img = self.images.get(n)
+        if img is None: raise ValueError(f"upload 'u{n}' is no longer kept (only the last {self.keep}): upload it again")
+        return img
+
+# %% ../../nbs/7_app/00_server.ipynb #app02cls
 class LookupApp:
     "The page's handlers over a `SearchIndex` with its model: each returns a JSON-ready dict (images: JPEG bytes)"
     def __init__(self, index:SearchIndex, k:int=10, max_upload_bytes:int=MAX_UPLOAD_BYTES):
         index._need_model()
-        self.index, self.k, self.max_upload_bytes = index, int(k), int(max_upload_bytes)
+        self.index, self.k, self.uploads = index, int(k), Uploads(max_upload_bytes)
         self.row_of = {p: i for i, p in enumerate(index.paths)}   # result path -> gallery row
-        self.uploads, self._next_upload, self._lock = OrderedDict(), 0, threading.Lock()
+
+    max_upload_bytes = property(lambda self: self.uploads.max_bytes, lambda self, n: setattr(self.uploads, 'max_bytes', int(n)))
 
     def info(self)->dict:
         "What the page needs to know about the index"
@@ -68,10 +98,7 @@ class LookupApp:
         "The uint8 (3, H, W) image of `source`: 'g<row>' (gallery) or 'u<n>' (upload)"
         kind, num = str(source)[:1], str(source)[1:]
         if not num.isdigit(): raise ValueError(f"unknown image {source!r} (give g<row> or u<upload>)")
-        if kind == 'u':
-            with self._lock: img = self.uploads.get(int(num))
-            if img is None: raise ValueError(f"upload {source!r} is no longer kept (only the last {MAX_UPLOADS}): upload it again")
-            return img
+        if kind == 'u': return self.uploads.get(int(num))
         if kind != 'g' or int(num) >= len(self.index): raise ValueError(f"unknown image {source!r}: the gallery has {len(self.index)} images")
         return as_image(self.index.paths[int(num)])
 
@@ -83,19 +110,8 @@ class LookupApp:
         return buf.getvalue()
 
     def upload(self, data:bytes, name:str='upload')->dict:
-        "Keep an uploaded image (refused when too large, undecodable or a decompression bomb); its source id and size"
-        if len(data) > self.max_upload_bytes:
-            raise ValueError(f"{name}: {len(data) / 2**20:.1f} MB is over the {self.max_upload_bytes / 2**20:.0f} MB upload limit")
-        if not data: raise ValueError(f"{name}: the upload is empty")
-        with tempfile.TemporaryDirectory(prefix='las-app-') as d:
-            path = Path(d)/'upload'
-            path.write_bytes(data)
-            try: img = as_image(path)   # the pixel limit is checked from the header, before decoding
-            except ImageReadError as e: raise ValueError(str(e).replace(str(path), printable(name))) from None
-        with self._lock:
-            n, self._next_upload = self._next_upload, self._next_upload + 1
-            self.uploads[n] = img
-            while len(self.uploads) > MAX_UPLOADS: self.uploads.popitem(last=False)
+        "Keep an uploaded image (see `Uploads.add`); its source id and size"
+        n, img = self.uploads.add(data, name)
         return dict(source=f'u{n}', name=printable(name), width=img.shape[-1], height=img.shape[-2])
 
     def _query(self, source:str, box)->tuple:
@@ -134,6 +150,9 @@ class LookupApp:
         r = self.index.locate(img, box, self.image(hit), levels)
         return dict(heatmaps={l: [[round(float(v), 4) for v in row] for row in h.tolist()] for l, h in r['heatmaps'].items()},
                     box=r['box'], score=r['score'], level=r['level'], ms=round(1000 * (time.perf_counter() - t0), 1))
+
+    def __call__(self, environ, start_response):   # the WSGI entry: `respond`, under "The page"
+        return respond(self, environ, start_response)
 
 # %% ../../nbs/7_app/00_server.ipynb #app05pag
 PAGE = (Path(str(files('learn_and_search')))/'app'/'page.html').read_text(encoding='utf-8')   # the page: HTML, CSS and JS in one file
@@ -190,11 +209,10 @@ def _route(app:LookupApp, environ)->tuple:   # (status, content type, body bytes
         return as_json(app.locate(b.get('source'), b.get('box'), b.get('hit'), b.get('levels')))
     raise _Reply('404 Not Found', f"no such page: {method} {path}")
 
-@patch
-def __call__(self:LookupApp, environ, start_response):
-    "WSGI entry: every failure is a JSON `{error}` of one line (4xx for bad input, 500 for a fault), never a traceback"
+def respond(app:LookupApp, environ, start_response):
+    "The WSGI entry of `app`: every failure is a JSON `{error}` of one line (4xx for bad input, 500 for a fault), never a traceback"
     one_line = lambda e: json.dumps(dict(error=' '.join(str(e).split()) or type(e).__name__)).encode()
-    try: status, ctype, body = _route(self, environ)
+    try: status, ctype, body = _route(app, environ)
     except _Reply as e: status, ctype, body = e.status, 'application/json', json.dumps(dict(error=str(e))).encode()
     except (ValueError, TypeError, KeyError, OverflowError) as e: status, ctype, body = '400 Bad Request', 'application/json', one_line(e)
     except Exception as e:   # a fault of ours: one line on the terminal and to the page, and the server keeps serving
