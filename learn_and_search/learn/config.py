@@ -14,7 +14,7 @@ from ..data.images import check_image_size, check_crop_frac
 from .loss import MIN_TEMPERATURE
 
 # %% auto #0
-__all__ = ['TrainConfig', 'build_parser', 'load_config_file', 'parse_config']
+__all__ = ['TrainConfig', 'check_train_config', 'build_parser', 'load_config_file', 'parse_config']
 
 # %% ../../nbs/3_learn/04_config.ipynb #633ba97d
 def _check(ok:bool, name:str, value, why:str):
@@ -87,40 +87,45 @@ class TrainConfig:
 
     def validate(self)->TrainConfig:
         "Raise ValueError naming the first bad field; return `self`"
-        from learn_and_search.learn.augment import get_preset, BRANCHES, FLIPS
-        for f in fields(self):   # a YAML `resume: "no"` is a truthy string: switches must be real booleans
-            if isinstance(f.default, bool):
-                _check(isinstance(getattr(self, f.name), bool), f.name, getattr(self, f.name), 'must be true or false (a boolean, not a string)')
-        _check(isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr), 'lr', self.lr, 'must be a positive number')
-        _check(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0, 'weight_decay', self.weight_decay, 'must be >= 0')
-        _chapter_check('crop_frac', self.crop_frac, check_crop_frac)
-        _chapter_check('arch', self.arch, check_arch)
-        _chapter_check('preset', self.preset, get_preset)
-        _check(self.branches is None or self.branches in BRANCHES, 'branches', self.branches, f"must be one of {', '.join(BRANCHES)} or None")
-        _check(self.projection_head is None or isinstance(self.projection_head, bool), 'projection_head', self.projection_head,
-               'must be true, false or None (the preset\'s)')
-        _check(self.flip is None or self.flip in FLIPS, 'flip', self.flip, f"must be one of {', '.join(FLIPS)} or None")
-        _check(isinstance(self.data, str) and (self.data == 'synthetic' or Path(self.data).expanduser().exists()), 'data', self.data,
-               "no such folder (give a folder of images, a COCO root, or 'synthetic')")
-        check_image_size(self.image_size, 'TrainConfig.image_size')   # names the field itself
-        _check(is_int(self.query_size, 8) and self.query_size <= self.image_size, 'query_size', self.query_size, 'must be in [8, image_size]')
-        for name in ('dim', 'epochs', 'batch_size', 'queries_per_scene', 'checkpoint_every', 'log_every'):
-            _check(is_int(getattr(self, name), 1), name, getattr(self, name), 'must be an integer >= 1')
-        for name in ('steps', 'anchor_negatives', 'limit_images', 'snapshot_every'):
-            v = getattr(self, name); _check(v is None or is_int(v, 1), name, v, 'must be None or an integer >= 1')
-        _check(self.minutes is None or (isinstance(self.minutes, (int, float)) and 0 < self.minutes < math.inf), 'minutes',
-               self.minutes, 'must be None or a positive number of minutes')
-        _check(self.warmup_steps is None or is_int(self.warmup_steps, 0), 'warmup_steps', self.warmup_steps, 'must be None or >= 0')
-        for name in ('workers', 'keep_checkpoints', 'seed'):
-            _check(is_int(getattr(self, name), 0), name, getattr(self, name), 'must be an integer >= 0')
-        _check(isinstance(self.temperature, (int, float)) and self.temperature >= MIN_TEMPERATURE, 'temperature', self.temperature,
-               f"must be >= {MIN_TEMPERATURE} (the loss's minimum)")
-        _check(isinstance(self.levels, (tuple, list)), 'levels', self.levels, f'must be a non-empty subset of {list(ALL_LEVELS)}')
-        _chapter_check('levels', self.levels, check_levels)
-        _check(self.cache_dir is None or isinstance(self.cache_dir, str), 'cache_dir', self.cache_dir, 'must be a folder path or None')
-        _chapter_check('device', self.device, resolve_device)
-        _chapter_check('precision', self.precision, resolve_precision)
-        return self
+        return check_train_config(self)
+
+# %% ../../nbs/3_learn/04_config.ipynb #f8308649
+def check_train_config(cfg:TrainConfig)->TrainConfig:
+    "Raise ValueError naming the first bad field of `cfg`; return `cfg`"
+    from learn_and_search.learn.augment import get_preset, BRANCHES, FLIPS
+    for f in fields(cfg):   # a YAML `resume: "no"` is a truthy string: switches must be real booleans
+        if isinstance(f.default, bool):
+            _check(isinstance(getattr(cfg, f.name), bool), f.name, getattr(cfg, f.name), 'must be true or false (a boolean, not a string)')
+    _check(isinstance(cfg.lr, (int, float)) and cfg.lr > 0 and math.isfinite(cfg.lr), 'lr', cfg.lr, 'must be a positive number')
+    _check(isinstance(cfg.weight_decay, (int, float)) and cfg.weight_decay >= 0, 'weight_decay', cfg.weight_decay, 'must be >= 0')
+    _chapter_check('crop_frac', cfg.crop_frac, check_crop_frac)
+    _chapter_check('arch', cfg.arch, check_arch)
+    _chapter_check('preset', cfg.preset, get_preset)
+    _check(cfg.branches is None or cfg.branches in BRANCHES, 'branches', cfg.branches, f"must be one of {', '.join(BRANCHES)} or None")
+    _check(cfg.projection_head is None or isinstance(cfg.projection_head, bool), 'projection_head', cfg.projection_head,
+           'must be true, false or None (the preset\'s)')
+    _check(cfg.flip is None or cfg.flip in FLIPS, 'flip', cfg.flip, f"must be one of {', '.join(FLIPS)} or None")
+    _check(isinstance(cfg.data, str) and (cfg.data == 'synthetic' or Path(cfg.data).expanduser().exists()), 'data', cfg.data,
+           "no such folder (give a folder of images, a COCO root, or 'synthetic')")
+    check_image_size(cfg.image_size, 'TrainConfig.image_size')   # names the field itself
+    _check(is_int(cfg.query_size, 8) and cfg.query_size <= cfg.image_size, 'query_size', cfg.query_size, 'must be in [8, image_size]')
+    for name in ('dim', 'epochs', 'batch_size', 'queries_per_scene', 'checkpoint_every', 'log_every'):
+        _check(is_int(getattr(cfg, name), 1), name, getattr(cfg, name), 'must be an integer >= 1')
+    for name in ('steps', 'anchor_negatives', 'limit_images', 'snapshot_every'):
+        v = getattr(cfg, name); _check(v is None or is_int(v, 1), name, v, 'must be None or an integer >= 1')
+    _check(cfg.minutes is None or (isinstance(cfg.minutes, (int, float)) and 0 < cfg.minutes < math.inf), 'minutes',
+           cfg.minutes, 'must be None or a positive number of minutes')
+    _check(cfg.warmup_steps is None or is_int(cfg.warmup_steps, 0), 'warmup_steps', cfg.warmup_steps, 'must be None or >= 0')
+    for name in ('workers', 'keep_checkpoints', 'seed'):
+        _check(is_int(getattr(cfg, name), 0), name, getattr(cfg, name), 'must be an integer >= 0')
+    _check(isinstance(cfg.temperature, (int, float)) and cfg.temperature >= MIN_TEMPERATURE, 'temperature', cfg.temperature,
+           f"must be >= {MIN_TEMPERATURE} (the loss's minimum)")
+    _check(isinstance(cfg.levels, (tuple, list)), 'levels', cfg.levels, f'must be a non-empty subset of {list(ALL_LEVELS)}')
+    _chapter_check('levels', cfg.levels, check_levels)
+    _check(cfg.cache_dir is None or isinstance(cfg.cache_dir, str), 'cache_dir', cfg.cache_dir, 'must be a folder path or None')
+    _chapter_check('device', cfg.device, resolve_device)
+    _chapter_check('precision', cfg.precision, resolve_precision)
+    return cfg
 
 # %% ../../nbs/3_learn/04_config.ipynb #2cd89a51
 def build_parser()->argparse.ArgumentParser:
