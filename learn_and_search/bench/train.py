@@ -177,7 +177,8 @@ def _child(args:list)->dict:
     if out.returncode: raise RuntimeError(f"benchmark child {args[:2]} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
-def _main(argv:list):
+# %% ../../nbs/8_bench/01_train.ipynb #adecfe44
+def _parser()->argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m learn_and_search.bench train', description='Benchmark training.')
     p.add_argument('--settings', nargs='+', default=['default', 'paper'], help='settings to run, in order')
     p.add_argument('--device', default='auto')
@@ -200,37 +201,45 @@ def _main(argv:list):
     p.add_argument('--cache-dir', help='decoded-image cache folder for --end-to-end (default: a temporary one, built in the run)')
     p.add_argument('--setting', help=argparse.SUPPRESS); p.add_argument('--json', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--e2e-child', help=argparse.SUPPRESS); p.add_argument('--e2e-child-setting', help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+    return p
+
+# %% ../../nbs/8_bench/01_train.ipynb #fb08d5d4
+def _end_to_end(a:argparse.Namespace, cuda:bool)->str:
+    "The --end-to-end table: each setting's step alone, then las-train on real photos (the DataLoader run once)"
+    data = a.data or default_data()
+    if data is None: raise ValueError("--end-to-end needs photos: pass --data FOLDER (or set COCO_ROOT)")
+    if not Path(data).is_dir() and data != 'synthetic': raise FileNotFoundError(f"--data {data!r}: no such folder")
+    batch = a.batch_size or (256 if cuda else 16)
+    steps = a.steps or (60 if cuda else 6)
+    bad = [k for k in a.queries_per_scene if k < 1]
+    if bad: raise ValueError(f"--queries-per-scene must be >= 1, got {bad[0]}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        combos = [(m, p_, k) for m in a.presets for p_ in a.precisions for k in a.queries_per_scene]
+        for i, (preset, prec, K) in enumerate(combos):
+            geo = dict(image_size=a.image_size, query_size=a.query_size, precision=prec, queries_per_scene=K, preset=preset)
+            step = _child(['--setting', 'x', '--json', '--device', a.device, '--steps', str(a.steps or (20 if cuda else 3)),
+                           '--warmup', str(a.warmup), '--loss-reps', str(a.loss_reps), '--batch-size', str(batch),
+                           '--e2e-child-setting', json.dumps(geo)])
+            runs = []
+            for cache in ((True, False) if i == 0 and not a.no_dataloader else (True,)):   # the DataLoader once
+                kw = dict(data=data, batch_size=batch, steps=steps, cache=cache, workers=a.workers, device=a.device,
+                          cache_dir=a.cache_dir or f'{tmp}/cache', **geo)
+                runs.append(_child(['--e2e-child', json.dumps(kw)]))
+            rows.append((step, runs))
+    return format_end_to_end(rows, rows[0][0]['device'])
+
+# %% ../../nbs/8_bench/01_train.ipynb #897a7e7b
+def _main(argv:list):
+    a = _parser().parse_args(argv)
     dev = resolve_device(a.device); cuda = dev.type == 'cuda'
     for name in ('steps', 'warmup', 'loss_reps', 'batch_size', 'image_size', 'query_size', 'workers'):
-        v = getattr(a, name)
-        if v is not None and v < (0 if name in ('warmup', 'workers') else 1): raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        v, lo = getattr(a, name), 0 if name in ('warmup', 'workers') else 1
+        if v is not None and v < lo: raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
     if a.e2e_child: print(json.dumps(bench_end_to_end(**json.loads(a.e2e_child))), flush=True); return
     a.warmup = a.warmup if a.warmup is not None else (5 if cuda else 1)
     a.loss_reps = a.loss_reps or (10 if cuda else 2)
-    if a.end_to_end:
-        data = a.data or default_data()
-        if data is None: raise ValueError("--end-to-end needs photos: pass --data FOLDER (or set COCO_ROOT)")
-        if not Path(data).is_dir() and data != 'synthetic': raise FileNotFoundError(f"--data {data!r}: no such folder")
-        batch = a.batch_size or (256 if cuda else 16)
-        steps = a.steps or (60 if cuda else 6)
-        bad = [k for k in a.queries_per_scene if k < 1]
-        if bad: raise ValueError(f"--queries-per-scene must be >= 1, got {bad[0]}")
-        rows = []
-        with tempfile.TemporaryDirectory() as tmp:
-            combos = [(m, p_, k) for m in a.presets for p_ in a.precisions for k in a.queries_per_scene]
-            for i, (preset, prec, K) in enumerate(combos):
-                geo = dict(image_size=a.image_size, query_size=a.query_size, precision=prec, queries_per_scene=K, preset=preset)
-                step = _child(['--setting', 'x', '--json', '--device', a.device, '--steps', str(a.steps or (20 if cuda else 3)),
-                               '--warmup', str(a.warmup), '--loss-reps', str(a.loss_reps), '--batch-size', str(batch),
-                               '--e2e-child-setting', json.dumps(geo)])
-                runs = []
-                for cache in ((True, False) if i == 0 and not a.no_dataloader else (True,)):   # the DataLoader once
-                    kw = dict(data=data, batch_size=batch, steps=steps, cache=cache, workers=a.workers, device=a.device,
-                              cache_dir=a.cache_dir or f'{tmp}/cache', **geo)
-                    runs.append(_child(['--e2e-child', json.dumps(kw)]))
-                rows.append((step, runs))
-        print(format_end_to_end(rows, rows[0][0]['device']), flush=True); return
+    if a.end_to_end: print(_end_to_end(a, cuda), flush=True); return
     table = {**settings(cuda), 'x': {**dict(image_size=a.image_size, batch_size=TrainConfig().batch_size),
                                      **json.loads(a.e2e_child_setting or '{}')}}
     unknown = [s for s in a.settings + ([a.setting] if a.setting else []) if s not in table]
