@@ -14,7 +14,7 @@ from .checkpoint import load_checkpoint, periodic_checkpoints
 from .config import TrainConfig
 
 # %% auto #0
-__all__ = ['RESUME_MAY_CHANGE', 'data_fingerprint', 'check_same_data', 'RunFolder']
+__all__ = ['RESUME_MAY_CHANGE', 'data_fingerprint', 'check_same_data', 'load_resumable', 'RunFolder']
 
 # %% ../../nbs/3_learn/05_run_folder.ipynb #ecdbf53e
 def data_fingerprint(key:dict)->dict:
@@ -54,6 +54,19 @@ def check_same_data(ckpt:dict|None, now:dict, path):
     raise ValueError(f"cannot resume from {str(path)!r}: the training data changed since it was written ({what(then)} then, "
                      f"{what(now)} now: images added, removed or rewritten); restore the data or train into another --out")
 
+# %% ../../nbs/3_learn/05_run_folder.ipynb #d7cf0d38
+def load_resumable(last:Path)->dict:
+    "The las-train checkpoint `last` (a run's last.pt), with a way out named when it cannot be resumed"
+    try: ckpt = load_checkpoint(last)
+    except ValueError as e:
+        older = [p for p in periodic_checkpoints(last.parent) if not os.path.samefile(p, last)]
+        if older: raise ValueError(f"{e}; the periodic checkpoints hold weights only ({older[-1]} loads with load_model), "
+                                   "so this run cannot resume: train again into another --out") from None
+        raise
+    if not isinstance(ckpt.get('config'), dict) or 'step' not in ckpt:
+        raise ValueError(f"checkpoint {str(last)!r} is not a las-train checkpoint (no 'config' or 'step')")
+    return ckpt
+
 # %% ../../nbs/3_learn/05_run_folder.ipynb #rf0cls01
 @dataclass
 class RunFolder:
@@ -89,14 +102,7 @@ class RunFolder:
             raise ValueError(f"--resume: {str(self.last)!r} does not exist (nothing to resume; use --resume-if-exists to "
                              "start fresh when there is no checkpoint)")
         if not has_run: return None
-        try: ckpt = load_checkpoint(self.last)
-        except ValueError as e:
-            older = [p for p in periodic_checkpoints(self.checkpoints) if not os.path.samefile(p, self.last)]
-            if older: raise ValueError(f"{e}; the periodic checkpoints hold weights only ({older[-1]} loads with load_model), "
-                                       "so this run cannot resume: train again into another --out") from None
-            raise
-        if not isinstance(ckpt.get('config'), dict) or 'step' not in ckpt:
-            raise ValueError(f"checkpoint {str(self.last)!r} is not a las-train checkpoint (no 'config' or 'step')")
+        ckpt = load_resumable(self.last)
         _check_resumable(config, ckpt['config'], self.last)
         return ckpt
 
