@@ -313,7 +313,8 @@ def add_field_flags(parser,                 # an argparse parser or argument gro
         default = defaults.get(name, f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING else None)
         text = f"{helps.get(name, comments.get(name, ''))} (default: {default!r})".strip().replace('%', '%%')   # argparse %-formats
         kw = dict(dest=name, default=argparse.SUPPRESS if suppress else default, help=text)
-        kind, flag = str(f.type).replace(' ', ''), flags.get(name, '--' + name.replace('_', '-'))
+        kind = (f.type if isinstance(f.type, str) else getattr(f.type, '__name__', str(f.type))).replace(' ', '')   # 'int', int, int|None
+        flag = flags.get(name, '--' + name.replace('_', '-'))
         if kind == 'bool' and 'type' not in options.get(name, {}): kw['action'] = argparse.BooleanOptionalAction
         else:
             if 'choices' not in options.get(name, {}): kw['metavar'] = flag.lstrip('-').replace('-', '_').upper()   # also where it renames
