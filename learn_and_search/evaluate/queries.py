@@ -160,7 +160,7 @@ class ObjectRanking:
     def source_rank(self)->Tensor:   # (Q,) 1-based rank of each query's own image (`evaluate.metrics.rank_of_source`'s tie rule)
         return rank_of_source(self.score, self.queries.index) + 1
 
-# %% ../../nbs/4_evaluate/04_queries.ipynb #e56cf47d
+# %% ../../nbs/4_evaluate/04_queries.ipynb #38ab9400
 def _embed_crops(model, crops:Tensor, device, batch_size:int)->Tensor:   # uint8 (N, 3, q, q) -> (N, D) on device
     return torch.cat([model.embed_queries(c.to(device).float() / 255) for c in crops.split(batch_size)])
 
@@ -169,6 +169,37 @@ def _in_batch(index:Tensor, start:int, stop:int)->Tensor:   # positions of the q
 
 def _cpu(d:dict)->dict: return {k: v.cpu() for k, v in d.items()}
 
+# %% ../../nbs/4_evaluate/04_queries.ipynb #a74d7ba7
+def _tally_scores(t:MethodTally, grids:dict, queries:Tensor|None, refs:Tensor|None, where:bool):
+    "Each object query's and each reference crop's image score against this batch's scenes (with `where`: the best cell too)"
+    if queries is not None:
+        r = image_scores(queries, grids, where=where)
+        t.scores.append(r.score.cpu())
+        if where: t.score_levels.append(r.level.to(torch.int8).cpu()); t.score_cells.append(r.cell.int().cpu())
+    if refs is not None: t.reference_scores.append(image_scores(refs, grids).score.cpu())
+
+def _tally_object_hits(t:MethodTally, queries:Tensor, grids:dict, boxes:Tensor, local:Tensor, image_size:int):
+    "SGA hits of the object queries whose own scene is in this batch (`local`: its position), and their best cells"
+    own = {k: g[local.to(queries.device)] for k, g in grids.items()}
+    sims = similarity_maps(queries, own)
+    best = best_cells(sims)                                            # one argmax for the hits and the rows
+    t.object_hits.append(_cpu(sga_hits(sims, boxes, image_size, best=best)))
+    t.object_best.append(_cpu(best['all']))
+
+def _tally_sga(t:MethodTally, model, crops:dict, own:dict, boxes:Tensor, cfg:PassConfig, with_loss:bool):
+    "SGA hits (both hit rules) of each protocol's crops in their own scenes, and the loss sums on the first protocol"
+    for p in cfg.protocols:
+        q = model.embed_queries(crops[p])
+        sims = similarity_maps(q, own)
+        best = best_cells(sims)                                            # one argmax for both hit rules
+        t.hits.setdefault(p, []).append(_cpu(sga_hits(sims, boxes, cfg.image_size, best=best)))
+        t.hits.setdefault(p + '_strict', []).append(_cpu(sga_hits(sims, boxes, cfg.image_size, True, best=best)))
+        if cfg.per_query: t.best.setdefault(p, []).append(_cpu(best['all']))
+        if p == cfg.protocols[0] and with_loss:
+            out = cfg.loss_fn(q, own, boxes.to(cfg.device), cfg.image_size)
+            for k in ('loss', 'avg_pos', 'avg_neg'): t.loss_sums[k] = t.loss_sums.get(k, 0.) + float(getattr(out, k)) * len(boxes)
+
+# %% ../../nbs/4_evaluate/04_queries.ipynb #e56cf47d
 @torch.no_grad()
 def evaluation_pass(methods:dict,                  # name -> model (`embed_queries` / `embed_scenes`)
                      gallery, n:int,                # the first `n` images of `gallery`
@@ -200,30 +231,12 @@ def evaluation_pass(methods:dict,                  # name -> model (`embed_queri
         for name, model in methods.items():
             t, grids = tallies[name], model.embed_scenes(scenes)
             if name == 'model': shared.grid_hws = {k: tuple(g.shape[-2:]) for k, g in grids.items()}
-            if obj:
-                where = cfg.per_query and name == 'model'                          # where each image's best cell is
-                r = image_scores(query_emb[name], grids, where=where)
-                t.scores.append(r.score.cpu())
-                if where: t.score_levels.append(r.level.to(torch.int8).cpu()); t.score_cells.append(r.cell.int().cpu())
-            if reference is not None: t.reference_scores.append(image_scores(ref_emb[name], grids).score.cpu())
+            _tally_scores(t, grids, query_emb.get(name), ref_emb.get(name), where=cfg.per_query and name == 'model')
             if len(osel):
-                own = {k: g[(obj.index[osel] - start).to(dev)] for k, g in grids.items()}
-                sims = similarity_maps(query_emb[name][osel.to(dev)], own)
-                best = best_cells(sims)                                            # one argmax for the hits and the rows
-                t.object_hits.append(_cpu(sga_hits(sims, obj.boxes[osel], cfg.image_size, best=best)))
-                t.object_best.append(_cpu(best['all']))
-            if not len(sel): continue
-            own = {k: g[local.to(dev)] for k, g in grids.items()}                  # (b, D, H, W), one scene per query
-            for p in cfg.protocols:
-                q = model.embed_queries(crops[p])
-                sims = similarity_maps(q, own)
-                best = best_cells(sims)                                            # one argmax for both hit rules
-                t.hits.setdefault(p, []).append(_cpu(sga_hits(sims, boxes, cfg.image_size, best=best)))
-                t.hits.setdefault(p + '_strict', []).append(_cpu(sga_hits(sims, boxes, cfg.image_size, True, best=best)))
-                if cfg.per_query: t.best.setdefault(p, []).append(_cpu(best['all']))
-                if p == cfg.protocols[0] and cfg.loss_fn is not None and name != 'imagenet_resnet':
-                    out = cfg.loss_fn(q, own, boxes.to(dev), cfg.image_size)
-                    for k in ('loss', 'avg_pos', 'avg_neg'): t.loss_sums[k] = t.loss_sums.get(k, 0.) + float(getattr(out, k)) * len(sel)
+                _tally_object_hits(t, query_emb[name][osel.to(dev)], grids, obj.boxes[osel], obj.index[osel] - start, cfg.image_size)
+            if len(sel):
+                own = {k: g[local.to(dev)] for k, g in grids.items()}                  # (b, D, H, W), one scene per query
+                _tally_sga(t, model, crops, own, boxes, cfg, with_loss=cfg.loss_fn is not None and name != 'imagenet_resnet')
     return tallies, shared
 
 # %% ../../nbs/4_evaluate/04_queries.ipynb #8a0d3aea
