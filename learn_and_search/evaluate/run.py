@@ -98,6 +98,32 @@ def _methods(model, random_init, baselines:bool, notes:dict)->dict:   # name -> 
         except (FileNotFoundError, ValueError) as e: notes['imagenet_resnet'] = f"skipped: {e}"
     return methods
 
+# %% ../../nbs/4_evaluate/07_run.ipynb #57e2e887
+def _cached_pass(methods:dict, gallery, n:int, q:RunQueries, cfg:PassConfig, keys:dict, shared_cache)->tuple:
+    "`evaluation_pass` in eval mode over the methods whose tally `shared_cache` lacks (under `keys`), which then keeps theirs"
+    cached = {k: t for k, key in keys.items() if (t := read_tally(shared_cache, key, MethodTally)) is not None}
+    modes = {name: m.training for name, m in methods.items()}
+    for m in methods.values(): m.to(cfg.device).eval()
+    try:
+        tallies, shared = evaluation_pass({k: m for k, m in methods.items() if k not in cached}, gallery, n, q.loc, q.obj, q.reference, cfg)
+        tallies = {k: tallies[k] if k in tallies else cached[k] for k in methods}   # the methods' order, cached or not
+        for k, key in keys.items():
+            if k not in cached: write_tally(shared_cache, key, tallies[k])
+    finally:
+        for name, m in methods.items(): m.train(modes[name])
+    return tallies, shared
+
+def _run_info(s:EvalSettings, gallery, n:int, protocols:list, notes:dict, twin_is_model:bool)->RunInfo:
+    "What the metrics record of the run: its settings (with the bootstrap's), the gallery and its category names"
+    names = dict(gallery.categories)
+    return RunInfo(protocols, s.image_size, tuple(s.ks), s.baselines, gallery.record(), n, _person_id(names), names, notes,
+                   dict(image_size=s.image_size, query_size=s.query_size, queries=s.queries, seed=s.seed, max_images=s.max_images,
+                        queries_per_image=s.queries_per_image, crop_frac=list(s.crop_frac), ks=list(s.ks),
+                        temperature=s.temperature, random_init_is_model=twin_is_model, n_reference=s.n_reference,
+                        interval=dict(method='percentile bootstrap over images (all queries of an image resampled together)',
+                                      level=0.95, n_boot=s.n_boot, seed=s.seed)),
+                   s.n_boot, s.seed)
+
 # %% ../../nbs/4_evaluate/07_run.ipynb #af4768a4
 @torch.no_grad()
 def evaluate(model,                    # a `LearnAndSearch` (or anything with `embed_queries`/`embed_scenes`)
@@ -121,31 +147,14 @@ def evaluate(model,                    # a `LearnAndSearch` (or anything with `e
     protocols = ['standard', 'hard'] if s.queries == 'both' else [s.queries]
     run_queries = _run_queries(gallery, n, s, reference, validation, notes)
     methods = _methods(model, random_init, s.baselines, notes)
-    modes = {name: m.training for name, m in methods.items()}
-    for m in methods.values(): m.to(device).eval()
     cfg = PassConfig(protocols, s.image_size, s.query_size, s.batch_size, device, s.baselines,
                      AntXentLoss(temperature=s.temperature), s.progress, s.per_query)
     keys = {} if shared_cache is None or 'random_init' not in methods else \
         {'random_init': _twin_key(random_init, gallery, n, run_queries, cfg, s.temperature)}
-    cached = {k: t for k, key in keys.items() if (t := read_tally(shared_cache, key, MethodTally)) is not None}
-    try:
-        tallies, shared = evaluation_pass({k: m for k, m in methods.items() if k not in cached}, gallery, n, run_queries.loc,
-                                          run_queries.obj, run_queries.reference, cfg)
-        tallies = {k: tallies[k] if k in tallies else cached[k] for k in methods}   # the methods' order, cached or not
-        for k, key in keys.items():
-            if k not in cached: write_tally(shared_cache, key, tallies[k])
-    finally:
-        for name, m in methods.items(): m.train(modes[name])
+    tallies, shared = _cached_pass(methods, gallery, n, run_queries, cfg, keys, shared_cache)
     obj = run_queries.obj
     if obj: obj.relevant = relevance(obj.category, shared.gallery_categories)
-    names = dict(gallery.categories)
-    info = RunInfo(protocols, s.image_size, tuple(s.ks), s.baselines, gallery.record(), n, _person_id(names), names, notes,
-                   dict(image_size=s.image_size, query_size=s.query_size, queries=s.queries, seed=s.seed, max_images=s.max_images,
-                        queries_per_image=s.queries_per_image, crop_frac=list(s.crop_frac), ks=list(s.ks),
-                        temperature=s.temperature, random_init_is_model=random_init is model, n_reference=s.n_reference,
-                        interval=dict(method='percentile bootstrap over images (all queries of an image resampled together)',
-                                      level=0.95, n_boot=s.n_boot, seed=s.seed)),
-                   s.n_boot, s.seed)
+    info = _run_info(s, gallery, n, protocols, notes, random_init is model)
     out = assemble_metrics(tallies, shared, run_queries, info, random_init is model)
     out['score_mode'] = None
     if validation is not None and run_queries.reference is not None:
@@ -153,7 +162,7 @@ def evaluate(model,                    # a `LearnAndSearch` (or anything with `e
     elif validation is not None: notes['score_mode'] = 'not chosen: no reference queries'
     out['settings']['seconds'] = round(time.time() - t0, 2)
     if s.per_query:
-        out['per_query'] = per_query_rows(tallies, run_queries, gallery, protocols, names, s.image_size)
+        out['per_query'] = per_query_rows(tallies, run_queries, gallery, protocols, info.names, s.image_size)
         out['ranking'] = obj and ObjectRanking.of(tallies['model'], obj, shared.grid_hws, s.image_size)
     return out
 
