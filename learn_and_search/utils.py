@@ -11,7 +11,7 @@ import torch
 # %% auto #0
 __all__ = ['PRECISIONS', 'EXPECTED_ERRORS', 'current_umask', 'file_mode', 'dir_mode', 'fsync_dir', 'atomic_path', 'atomic_write',
            'atomic_write_json', 'atomic_folder', 'remove_folder_leftovers', 'sha256_file', 'is_int', 'format_cell',
-           'markdown_table', 'frame_markdown', 'describe_machine', 'resolve_device', 'native_bf16_cpu',
+           'markdown_table', 'frame_markdown', 'describe_machine', 'resolve_device', 'free_memory', 'native_bf16_cpu',
            'resolve_precision', 'draw_box', 'RunLockedError', 'RunLock', 'error_line', 'Terminated', 'run_cli',
            'script_entry', 'optional', 'yes_no', 'field_comments', 'add_field_flags']
 
@@ -156,6 +156,17 @@ def resolve_device(name='auto')->torch.device:
             raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type not in ('cpu', 'mps'): raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}")
     return dev
+
+# %% ../nbs/0_core/00_utils.ipynb #9f7ffeec
+def free_memory(device='cpu')->int|None:
+    "Bytes of memory free for new tensors on `device` (CUDA: `mem_get_info`; CPU: Linux's MemAvailable), None when unknown"
+    device = torch.device(device)
+    if device.type == 'cuda': return torch.cuda.mem_get_info(device)[0]
+    if device.type != 'cpu': return None
+    try: return 1024 * int(next(l.split()[1] for l in Path('/proc/meminfo').read_text().splitlines() if l.startswith('MemAvailable')))
+    except (OSError, StopIteration, ValueError): pass
+    try: return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')   # free pages: a lower bound
+    except (AttributeError, ValueError, OSError): return None
 
 # %% ../nbs/0_core/00_utils.ipynb #prec0cd
 PRECISIONS = ('auto', 'bf16', 'fp32')

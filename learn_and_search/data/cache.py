@@ -12,12 +12,12 @@ from .. import __version__
 from .images import (MIN_IMAGE_SIDE, SKIP_HINT, CocoImages, FolderImages, ImageReadError, map_threads,
                                    open_images, resize_square)
 from .synthetic import default_cache_dir
-from ..utils import RunLock, atomic_folder, atomic_write_json, remove_folder_leftovers, sha256_file
+from ..utils import RunLock, atomic_folder, atomic_write_json, free_memory, remove_folder_leftovers, sha256_file
 
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['CACHE_VERSION', 'source_key', 'cache_name', 'ImageCache', 'image_cache']
+__all__ = ['CACHE_VERSION', 'source_key', 'cache_name', 'read_cache_manifest', 'ImageCache', 'image_cache']
 
 # %% ../../nbs/2_data/03_cache.ipynb #028e6b9e
 CACHE_VERSION = 2   # bump when the stored rows or the layout change: older caches are then rebuilt (2: rows_sha256)
@@ -42,15 +42,21 @@ def cache_name(images, image_size:int)->str:
     return '-'.join(x for x in (Path(images.root).resolve().name, split, f'{image_size}px', h) if x)
 
 # %% ../../nbs/2_data/03_cache.ipynb #1b6c8f82
+def read_cache_manifest(path:Path)->dict:
+    "The `manifest.json` of the cache folder `path`, refused unless it is of this library's format version"
+    try: m = json.loads((path/'manifest.json').read_text())
+    except (OSError, ValueError) as e: raise ValueError(f'{path}: not a readable image cache ({e})') from e
+    if not isinstance(m, dict) or m.get('format_version') != CACHE_VERSION:
+        raise ValueError(f'{path}: image cache format {m.get("format_version") if isinstance(m, dict) else m!r}, this library reads {CACHE_VERSION}')
+    return m
+
+# %% ../../nbs/2_data/03_cache.ipynb #73725d45
 class ImageCache:
     "Read-only view of one built cache folder: `images.u8` rows uint8 (3, S, S) in source order, and `manifest.json`"
     def __init__(self, path):
         self.path = Path(path)
-        try: m = json.loads((self.path/'manifest.json').read_text())
-        except (OSError, ValueError) as e: raise ValueError(f'{self.path}: not a readable image cache ({e})') from e
-        if not isinstance(m, dict) or m.get('format_version') != CACHE_VERSION:
-            raise ValueError(f'{self.path}: image cache format {m.get("format_version") if isinstance(m, dict) else m!r}, this library reads {CACHE_VERSION}')
-        self.manifest, self.image_size, self.names, self.ids = m, m['image_size'], m['names'], m['ids']
+        self.manifest = m = read_cache_manifest(self.path)
+        self.image_size, self.names, self.ids = m['image_size'], m['names'], m['ids']
         self.root, self.skipped = Path(m['data']), [name for name, _ in m['skipped']]
         self.shape = (len(self.names), 3, self.image_size, self.image_size)
         size = (self.path/'images.u8').stat().st_size
@@ -85,23 +91,16 @@ class ImageCache:
         "A copy of the rows `indices`, in that order"
         return torch.from_numpy(self.array[np.asarray(indices, dtype=np.int64)])
 
-    def free_bytes(self, device)->int|None:
-        "Free memory on `device` in bytes (CUDA: `mem_get_info`; CPU: available RAM), None when unknown"
-        device = torch.device(device)
-        if device.type == 'cuda': return torch.cuda.mem_get_info(device)[0]
-        if device.type == 'cpu' and hasattr(os, 'sysconf'): return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-        return None
-
     def fits(self, device, headroom:float=0.1)->bool:
         "Whether all rows fit in `device`'s free memory, keeping `headroom` of it free"
-        free = self.free_bytes(device)
+        free = free_memory(device)
         return free is None or self.nbytes <= free * (1 - headroom)
 
     def to_device(self, device, chunk:int=1024, headroom:float=0.1)->torch.Tensor: # uint8 (N, 3, S, S) on `device`
         "All rows copied once to `device`, `chunk` rows at a time; `ValueError` with the sizes when they do not fit"
         device = torch.device(device)
         if not self.fits(device, headroom):
-            raise ValueError(f'{self.path}: {self.nbytes / 2**30:.2f} GiB of images do not fit in the {self.free_bytes(device) / 2**30:.2f} GiB free on {device}; stream batches from the memmap instead')
+            raise ValueError(f'{self.path}: {self.nbytes / 2**30:.2f} GiB of images do not fit in the {free_memory(device) / 2**30:.2f} GiB free on {device}; stream batches from the memmap instead')
         out = torch.empty(self.shape, dtype=torch.uint8, device=device)
         for s in range(0, len(self), chunk): out[s:s + chunk].copy_(torch.from_numpy(np.ascontiguousarray(self.array[s:s + chunk])))
         return out
