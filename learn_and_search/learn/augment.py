@@ -13,7 +13,7 @@ from ..data.crops import crop_queries
 # %% auto #0
 __all__ = ['JITTER', 'BLUR_SIGMA', 'FLIPS', 'BRANCHES', 'PRESETS', 'PRESET_NAMES', 'INTERPOLATIONS', 'HARD_QUERIES',
            'HARD_BLUR_KERNEL', 'Preset', 'get_preset', 'resize_images', 'rgb_to_hsv', 'hsv_to_rgb', 'color_jitter',
-           'gaussian_blur', 'QueryAugment', 'hard_query_params', 'hard_queries']
+           'gaussian_blur', 'sample_query_params', 'QueryAugment', 'hard_query_params', 'hard_queries']
 
 # %% ../../nbs/3_learn/00_augment.ipynb #2bd36d70
 JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue strengths (SimCLR's 0.8 * s with s = 0.5)
@@ -133,6 +133,25 @@ def gaussian_blur(images:Tensor,        # (B, C, H, W) float
     y = F.conv2d(F.pad(y, (0, 0, k // 2, k // 2), mode='reflect'), kern[:, None, :, None], groups=B * C)
     return y.reshape(B, C, H, W)
 
+# %% ../../nbs/3_learn/00_augment.ipynb #32871fc8
+def sample_query_params(p:Preset, flip:str, n:int, generator:torch.Generator|None=None)->dict:
+    "Draw `p`'s random parameters for `n` query crops, flips on the queries when `flip` is 'query' (tensors on the generator's device)"
+    dev = generator.device if generator is not None else torch.device('cpu')
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator, device=dev)
+    out = {}
+    if p.rotation: out['angle'] = u(-p.rotation, p.rotation)
+    if p.scale_jitter: out['scale'] = u(*p.scale_jitter)
+    if p.random_interpolation:
+        out['interpolation'] = INTERPOLATIONS[int(torch.randint(len(INTERPOLATIONS), (1,), generator=generator, device=dev))]
+    if p.hflip and flip == 'query': out['hflip'] = torch.rand(n, generator=generator, device=dev) < 0.5
+    if p.vflip and flip == 'query': out['vflip'] = torch.rand(n, generator=generator, device=dev) < 0.5
+    if p.color_jitter:
+        b, c, s, h = p.color_jitter
+        for k, v in dict(brightness=b, contrast=c, saturation=s).items(): out[k] = u(max(0., 1 - v), 1 + v)
+        out['hue'] = u(-h, h)
+    if p.blur: out['sigma'] = u(*p.blur)
+    return out
+
 # %% ../../nbs/3_learn/00_augment.ipynb #732f9c16
 class QueryAugment(nn.Module):
     "Cut query crops from `scenes` at `boxes` and apply `preset`'s augmentations, per-sample, batched on the device"
@@ -160,21 +179,7 @@ class QueryAugment(nn.Module):
 
     def sample_params(self, n:int, generator:torch.Generator|None=None)->dict:
         "Draw the random parameters for `n` query crops (tensors on the generator's device)"
-        p, dev = self.preset, generator.device if generator is not None else torch.device('cpu')
-        u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator, device=dev)
-        out = {}
-        if p.rotation: out['angle'] = u(-p.rotation, p.rotation)
-        if p.scale_jitter: out['scale'] = u(*p.scale_jitter)
-        if p.random_interpolation:
-            out['interpolation'] = INTERPOLATIONS[int(torch.randint(len(INTERPOLATIONS), (1,), generator=generator, device=dev))]
-        if p.hflip and self.flip == 'query': out['hflip'] = torch.rand(n, generator=generator, device=dev) < 0.5
-        if p.vflip and self.flip == 'query': out['vflip'] = torch.rand(n, generator=generator, device=dev) < 0.5
-        if p.color_jitter:
-            b, c, s, h = p.color_jitter
-            for k, v in dict(brightness=b, contrast=c, saturation=s).items(): out[k] = u(max(0., 1 - v), 1 + v)
-            out['hue'] = u(-h, h)
-        if p.blur: out['sigma'] = u(*p.blur)
-        return out
+        return sample_query_params(self.preset, self.flip, n, generator)
 
     def forward(self, scenes:Tensor,   # (B, 3, S, S) float in [0, 1] or uint8 (already flipped by `flip_scenes`)
                 boxes:Tensor,          # (B, 4) xywh query boxes in scene pixels
