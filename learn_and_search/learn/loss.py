@@ -11,7 +11,8 @@ from torch import Tensor
 from ..cells import CellLayout, cell_layout, cells_hit, cells_in_boxes, positive_cells
 
 # %% auto #0
-__all__ = ['MIN_TEMPERATURE', 'LossOutput', 'anchor_masks', 'ant_xent_logits', 'AntXentLoss', 'ant_xent_reference']
+__all__ = ['MIN_TEMPERATURE', 'LossOutput', 'anchor_masks', 'ant_xent_logits', 'check_loss_inputs', 'AntXentLoss',
+           'ant_xent_reference']
 
 # %% ../../nbs/3_learn/01_loss.ipynb #dfd344e3
 MIN_TEMPERATURE = 1e-4
@@ -102,6 +103,17 @@ def _ant_xent(query:Tensor, grids:tuple, boxes:Tensor, image_size:float, layout:
     with torch.no_grad(): avg_pos, avg_neg = _diagnostics(sims, ok, target)
     return losses.view(B, L).mean(0), avg_pos, avg_neg                           # (B, L) -> (L,)
 
+# %% ../../nbs/3_learn/01_loss.ipynb #8e901810
+def check_loss_inputs(query:Tensor, grids:dict, boxes:Tensor):
+    "Raise ValueError unless `grids` are (B_s, D, H, W) on every level, B_s dividing the B queries, and `boxes` (B, 4)"
+    B, D = query.shape
+    if boxes.shape != (B, 4): raise ValueError(f"boxes must be ({B}, 4) to match query {tuple(query.shape)}, got {tuple(boxes.shape)}")
+    if not grids: raise ValueError("grids is empty: need at least one level")
+    for level, g in grids.items():
+        if g.ndim != 4 or g.shape[1] != D or g.shape[0] < 1 or B % g.shape[0] or g.shape[0] != next(iter(grids.values())).shape[0]:
+            raise ValueError(f"grids[{level!r}] must be (B_s, {D}, H, W) with B_s the same on every level and dividing "
+                             f"the {B} queries (K = {B} / B_s queries per scene), got {tuple(g.shape)}")
+
 # %% ../../nbs/3_learn/01_loss.ipynb #7f38fe67
 class AntXentLoss(nn.Module):
     "Anchor-based NT-Xent over every pyramid level (see the equation above), with `K = B / B_s` queries per scene"
@@ -124,23 +136,13 @@ class AntXentLoss(nn.Module):
         use = (world > 1) if self.gather is None else bool(self.gather)
         return (dist.get_rank(), use) if use else (0, False)
 
-    @staticmethod
-    def _check(query, grids, boxes):
-        B, D = query.shape
-        if boxes.shape != (B, 4): raise ValueError(f"boxes must be ({B}, 4) to match query {tuple(query.shape)}, got {tuple(boxes.shape)}")
-        if not grids: raise ValueError("grids is empty: need at least one level")
-        for level, g in grids.items():
-            if g.ndim != 4 or g.shape[1] != D or g.shape[0] < 1 or B % g.shape[0] or g.shape[0] != next(iter(grids.values())).shape[0]:
-                raise ValueError(f"grids[{level!r}] must be (B_s, {D}, H, W) with B_s the same on every level and dividing "
-                                 f"the {B} queries (K = {B} / B_s queries per scene), got {tuple(g.shape)}")
-
     def forward(self, query:Tensor,  # (B, D) query embeddings, scene-major: query b was cut from scene b // K
                 grids:dict,          # level -> (B_s, D, H, W) scene grid embeddings, B = K * B_s
                 boxes:Tensor,        # (B, 4) xywh crop boxes in scene pixels
                 image_size:int,      # side S of the square scenes
                 generator:torch.Generator|None=None,  # for sampling anchor negatives
                )->LossOutput:
-        self._check(query, grids, boxes)
+        check_loss_inputs(query, grids, boxes)
         rank, gather = self._rank_world()
         B, dev = len(query), query.device
         layout = cell_layout({k: g.shape[-2:] for k, g in grids.items()}, image_size, dev, torch.promote_types(query.dtype, torch.float32))
