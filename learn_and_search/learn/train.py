@@ -83,9 +83,10 @@ def _skip_hint(e:Exception, skipping:bool)->ValueError:
     "`e` as one line, with how to skip unreadable images unless that is already asked for"
     msg = ' '.join(str(e).split())
     if skipping: msg = msg.replace(f'; {_data.SKIP_HINT}', '')
-    elif 'skip-unreadable' not in msg and 'skip_unreadable' not in msg: msg += ' (pass --skip-unreadable to leave unreadable images out)'
+    elif 'skip-unreadable' not in msg and 'skip_unreadable' not in msg: msg += f'; {_data.SKIP_HINT}'
     return ValueError(msg)
 
+# %% ../../nbs/3_learn/07_train.ipynb #e8ae2cb6
 def open_scenes(config:TrainConfig, rank:int=0, world:int=1, device=torch.device('cpu'),
                 progress:bool=True)->tuple:   # (CachedScenes | LoaderScenes, number of images, skipped image names)
     "The training input of `config`: the decoded-image cache (default) or a DataLoader (`config.cache=False`)"
