@@ -34,7 +34,7 @@ _all_ = ['FORMAT', 'FORMAT_VERSION', 'IndexFormatError', 'as_image', 'check_box'
          'model_fingerprint']
 
 # %% auto #0
-__all__ = ['DEFAULT_SCORE', 'BLAS_THRESHOLD_PER_THREAD', 'search_cells', 'top_images', 'rerank_exact', 'own_image_stats',
+__all__ = ['DEFAULT_SCORE', 'BLAS_THRESHOLD_PER_THREAD', 'search_cells', 'fetch_top_images', 'rerank_exact', 'own_image_stats',
            'IndexSpec', 'gallery_batches', 'plan_build', 'gallery_reference', 'SearchIndex', 'FORMAT', 'FORMAT_VERSION',
            'IndexFormatError', 'as_image', 'check_box', 'SceneCollate', 'embed_cells', 'embed_query',
            'model_fingerprint']
@@ -60,7 +60,7 @@ def search_cells(index, kind:str, params:dict, q:np.ndarray, fetch:int)->tuple:
     finally: faiss.cvar.distance_compute_blas_threshold = old
 
 # %% ../../nbs/5_search/03_index.ipynb #dfe1f546
-def top_images(fetch_cells, q:np.ndarray, width:int, overfetch:int, n_cells:int, cells_per_image:int)->tuple:
+def fetch_top_images(fetch_cells, q:np.ndarray, width:int, overfetch:int, n_cells:int, cells_per_image:int)->tuple:
     "Top-`width` images of each query by their best cell, from `fetch_cells(q, n)` fetches doubled until each has enough"
     fetch = min(n_cells, max(overfetch * width, 1))
     got, todo = None, np.arange(len(q))                          # queries still short of `width` images
@@ -252,7 +252,7 @@ class SearchIndex:
 
     def _top_images(self, q:np.ndarray, k:int, rerank:int, overfetch:int)->tuple:  # k, rerank <= len(self)
         fetch = lambda q, n: search_cells(self.index, self.kind, self.params, q, n)
-        got = top_images(fetch, q, max(k, rerank), overfetch, self.index.ntotal, self.cells_per_image)
+        got = fetch_top_images(fetch, q, max(k, rerank), overfetch, self.index.ntotal, self.cells_per_image)
         if rerank: got = rerank_exact(self.index, q, got[1], self.cells_per_image)
         return tuple(a[:, :k] for a in got)
 
