@@ -434,12 +434,13 @@ def test_build_skip_unreadable_counts_and_names_bad_images(tmp_path):
 
 
 def test_library_imports_without_fastcore():
-    """The search and training modules import without fastcore (a requirement that only las-train's help texts import, lazily), as on a
-    machine with just torch, numpy and faiss, such as the GPU machine `scripts/gpu_run.sh` expects"""
+    """The search, training, evaluation, paper and app modules import without fastcore (a requirement that only the flags' help texts
+    import, lazily), as on a machine with just torch, numpy and faiss, such as the GPU machine `scripts/gpu_run.sh` expects"""
     code = ("import sys; sys.modules['fastcore'] = None; "        # any `import fastcore...` now raises ImportError
             "import learn_and_search.search.layout, learn_and_search.search.embed, learn_and_search.search.store, "
             "learn_and_search.search.index, learn_and_search.search.cli, learn_and_search.bench.search, "
-            "learn_and_search.learn.train, learn_and_search.learn.config, learn_and_search.learn.run_folder")
+            "learn_and_search.learn.train, learn_and_search.learn.config, learn_and_search.learn.run_folder, "
+            "learn_and_search.evaluate.run, learn_and_search.paper.reproduce, learn_and_search.app.server, learn_and_search.bench.train")
     p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
 
