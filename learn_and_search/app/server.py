@@ -6,6 +6,7 @@
 from __future__ import annotations
 import argparse, io, json, sys, tempfile, threading, time
 from collections import OrderedDict
+from dataclasses import dataclass, fields
 from importlib.resources import files
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -22,11 +23,11 @@ from ..search.index import SearchIndex
 from ..search.layout import default_levels, requested_levels
 from ..cells import STRIDES
 from ..search.cli import open_index, printable
-from ..utils import run_cli, script_entry
+from ..utils import add_field_flags, run_cli, script_entry
 
 # %% auto #0
 __all__ = ['MAX_UPLOAD_BYTES', 'MAX_UPLOADS', 'MIN_BOX_SIDE', 'MAX_K', 'PAGE', 'Uploads', 'LookupApp', 'respond',
-           'make_server_for', 'serve_in_thread', 'make_app', 'main']
+           'make_server_for', 'serve_in_thread', 'make_app', 'AppSpec', 'main']
 
 # %% ../../nbs/7_app/00_server.ipynb #1458cffd
 MAX_UPLOAD_BYTES = 20 * 2**20   # an upload larger than this is refused before it is read
@@ -289,39 +290,45 @@ def _demo_index(progress:bool)->SearchIndex:
     return index
 
 # %% ../../nbs/7_app/00_server.ipynb #app08cli
+@dataclass
+class AppSpec:
+    "How `las-app` serves the page, beside what it serves (`--index`, `--images` or `--demo`): its flags, one per field"
+    checkpoint:str|None=None   # the model (with --images; with --index when it was built from another source)
+    split:str='val2017'        # COCO split of --images
+    levels:list|None=None      # levels --images indexes, e.g. P3 P4 P5; None: the best three of --metrics, else by the model's scene size (P3-P5 up to 160 px, else P5-P7)
+    metrics:str|None=None      # las-eval's metrics.json of the --checkpoint: --images indexes the levels it scored best on
+    host:str='127.0.0.1'       # address to serve on (127.0.0.1: this machine only)
+    port:int=8765              # port (0: any free one)
+    k:int=10                   # results shown by default
+    device:str='cpu'           # 'cpu', 'cuda', 'auto'
+    progress:bool=True         # a progress bar while indexing
+    def __post_init__(self):
+        if not 1 <= self.k <= MAX_K: raise ValueError(f"-k must be in [1, {MAX_K}], got {self.k}")
+        if not 0 <= self.port <= 65535: raise ValueError(f"--port must be in [0, 65535], got {self.port}")
+
 def _parser()->argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='las-app', description='A page where you draw a box on an image and see where else that object is.')
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument('--index', help='a `las-search build` folder')
     src.add_argument('--images', help="a folder of images, a COCO root or 'synthetic': indexed with --checkpoint (cached)")
     src.add_argument('--demo', action='store_true', help='the embedded synthetic scenes and a random model (no data needed)')
-    p.add_argument('--checkpoint', help='the model (with --images; with --index when it was built from another source)')
-    p.add_argument('--split', default='val2017', help='COCO split of --images')
-    p.add_argument('--levels', nargs='+', metavar='LEVEL', help='levels --images indexes, e.g. P3 P4 P5 (default: the best three '
-                   'of --metrics, else by the model\'s scene size: P3-P5 up to 160 px, else P5-P7)')
-    p.add_argument('--metrics', help="las-eval's metrics.json of the --checkpoint: --images indexes the levels it scored best on")
-    p.add_argument('--host', default='127.0.0.1', help='address to serve on (default: this machine only)')
-    p.add_argument('--port', type=int, default=8765, help='port (0: any free one)')
-    p.add_argument('-k', type=int, default=10, help='results shown by default')
-    p.add_argument('--device', default='cpu', help="'cpu', 'cuda', 'auto'")
-    p.add_argument('--no-progress', action='store_true', help='no progress bar while indexing')
-    return p
+    return add_field_flags(p, AppSpec, flags={'k': '-k'}, options={'levels': dict(nargs='+', metavar='LEVEL', type=str)})
 
+# %% ../../nbs/7_app/00_server.ipynb #f39585f4
 def _main(argv:list)->int:
     from learn_and_search.utils import resolve_device
     a = _parser().parse_args(argv)
-    if a.images and not a.checkpoint: raise ValueError("--images needs --checkpoint (the model that indexes them)")
-    if (a.levels or a.metrics) and not a.images: raise ValueError("--levels and --metrics choose what --images indexes (an --index keeps its own)")
-    levels = requested_levels(a.levels, a.metrics)   # None: the model's scene size decides
-    if not 1 <= a.k <= MAX_K: raise ValueError(f"-k must be in [1, {MAX_K}], got {a.k}")
-    if not 0 <= a.port <= 65535: raise ValueError(f"--port must be in [0, 65535], got {a.port}")
-    device = str(resolve_device(a.device))
-    if a.demo: index = _demo_index(not a.no_progress)
-    elif a.images: index = _index_for_images(a.checkpoint, a.images, a.split, device, not a.no_progress, levels)
-    else: index = open_index(a.index, a.checkpoint, device)
-    server = make_server_for(LookupApp(index, a.k), a.host, a.port)
-    if a.host not in ('127.0.0.1', 'localhost', '::1'):
-        print(f"las-app: warning: serving on {a.host}: anyone who can reach this machine can use the page", file=sys.stderr)
+    s = AppSpec(**{f.name: getattr(a, f.name) for f in fields(AppSpec)})
+    if a.images and not s.checkpoint: raise ValueError("--images needs --checkpoint (the model that indexes them)")
+    if (s.levels or s.metrics) and not a.images: raise ValueError("--levels and --metrics choose what --images indexes (an --index keeps its own)")
+    levels = requested_levels(s.levels, s.metrics)   # None: the model's scene size decides
+    device = str(resolve_device(s.device))
+    if a.demo: index = _demo_index(s.progress)
+    elif a.images: index = _index_for_images(s.checkpoint, a.images, s.split, device, s.progress, levels)
+    else: index = open_index(a.index, s.checkpoint, device)
+    server = make_server_for(LookupApp(index, s.k), s.host, s.port)
+    if s.host not in ('127.0.0.1', 'localhost', '::1'):
+        print(f"las-app: warning: serving on {s.host}: anyone who can reach this machine can use the page", file=sys.stderr)
     print(f"las-app: {len(index)} images ({index.kind} index, levels {', '.join(index.levels)}) at {server.url} (Ctrl-C stops)",
           file=sys.stderr, flush=True)
     try: server.serve_forever()
