@@ -103,7 +103,7 @@ def test_bad_inputs_show_one_line_in_red(served, browser, tmp_path):
     browser.find_element(By.ID, 'file').send_keys(str(tmp_path/'garbage.jpg'))
     text, err = status(browser, 'cannot decode')
     assert err and text.startswith('garbage.jpg: cannot decode image'), text
-    limit, app.max_upload_bytes = app.max_upload_bytes, 1000
+    limit, app.uploads.max_bytes = app.uploads.max_bytes, 1000
     try:
         from PIL import Image
         import numpy as np
@@ -111,7 +111,7 @@ def test_bad_inputs_show_one_line_in_red(served, browser, tmp_path):
         browser.find_element(By.ID, 'file').send_keys(str(tmp_path/'noise.png'))
         text, err = status(browser, 'upload limit')
         assert err and 'noise.png' in text, text
-    finally: app.max_upload_bytes = limit
+    finally: app.uploads.max_bytes = limit
     assert browser.find_element(By.ID, 'file').get_attribute('value') == ''   # the picker names no file other than the one shown
 
 

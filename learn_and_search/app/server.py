@@ -72,14 +72,13 @@ class LookupApp:
         self.index, self.k, self.uploads = index, int(k), Uploads(max_upload_bytes)
         self.row_of = {p: i for i, p in enumerate(index.paths)}   # result path -> gallery row
 
-    max_upload_bytes = property(lambda self: self.uploads.max_bytes, lambda self, n: setattr(self.uploads, 'max_bytes', int(n)))
 
     def info(self)->dict:
         "What the page needs to know about the index"
         ix, modes = self.index, self.score_modes
         return dict(images=len(ix), kind=ix.kind, levels=list(ix.levels), image_size=ix.image_size, k=self.k, max_k=MAX_K,
                     score_modes=modes, default_score=ix.default_score, min_box=MIN_BOX_SIDE,
-                    max_upload_mb=round(self.max_upload_bytes / 2**20, 1), model=ix.model_info.get('source'),
+                    max_upload_mb=round(self.uploads.max_bytes / 2**20, 1), model=ix.model_info.get('source'),
                     cell_px={l: STRIDES[l] for l in ix.levels})   # the side of a level's cells in scene pixels, for captions
 
     @property
@@ -198,9 +197,9 @@ def _route(app:LookupApp, environ)->tuple:   # (status, content type, body bytes
         return '200 OK', 'image/jpeg', app.jpeg(path.removeprefix('/image/'), int(q['max']) if q.get('max', '').isdigit() else None)
     if method == 'POST' and path == '/api/upload':
         n = _content_length(environ)
-        if n > app.max_upload_bytes:   # refused before the body is read
+        if n > app.uploads.max_bytes:   # refused before the body is read
             raise _Reply('413 Payload Too Large', f"{q.get('name', 'upload')}: {n / 2**20:.1f} MB is over the "
-                         f"{app.max_upload_bytes / 2**20:.0f} MB upload limit")
+                         f"{app.uploads.max_bytes / 2**20:.0f} MB upload limit")
         return as_json(app.upload(_read_body(environ, n), q.get('name', 'upload')))
     if method == 'POST' and path == '/api/search':
         b = _json_body(environ)

@@ -41,15 +41,15 @@ def torch_search(cells:torch.Tensor,      # (N*C, D) gallery cells, image after 
     return best_s.numpy(), best_r.numpy()
 
 # %% ../../nbs/8_bench/02_search.ipynb #0a2b5499
-def time_queries(search, queries:np.ndarray, n_single:int)->dict:
-    "Median and p95 latency (ms) of `search` on single queries, and its throughput (queries/s) on the whole batch"
+def time_queries(search, queries:np.ndarray, n_single:int)->tuple:   # (timings, the batch's answer)
+    "Median and p95 latency (ms) of `search` on single queries, its throughput (queries/s) on the whole batch, and that batch's answer"
     lat = []
     for q in queries[:n_single]:
         t = time.perf_counter(); search(q[None]); lat.append(1e3 * (time.perf_counter() - t))
-    t = time.perf_counter(); search(queries); batch_s = time.perf_counter() - t
+    t = time.perf_counter(); answer = search(queries); batch_s = time.perf_counter() - t
     lat.sort()
     return dict(p50_ms=statistics.median(lat), p95_ms=lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)],
-                qps=len(queries) / batch_s)
+                qps=len(queries) / batch_s), answer
 
 def index_bytes(index)->int:
     "Size of `index` as `faiss.write_index` writes it"
@@ -109,8 +109,9 @@ class SizeBench:
 
     def add_row(self, index:str, build_s:float, bytes_per_image:float, search, recall_of):
         "Time `search` (queries -> (scores, rows, cells)) and append its row; `recall_of(rows)` against the right answer"
-        self.rows.append(dict(self.base, index=index, build_s=build_s, bytes_per_image=bytes_per_image,
-                              **time_queries(search, self.queries, self.s.single), recall=recall_of(search(self.queries)[1])))
+        timings, answer = time_queries(search, self.queries, self.s.single)   # the timed batch's answer gives the recall
+        self.rows.append(dict(self.base, index=index, build_s=build_s, bytes_per_image=bytes_per_image, **timings,
+                              recall=recall_of(answer[1])))
         self.log(self.rows[-1])
 
     def exact_rows(self):

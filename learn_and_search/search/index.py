@@ -136,7 +136,7 @@ def gallery_batches(model, images, spec:IndexSpec, image_size:int, skipped:list,
 
 # %% ../../nbs/5_search/03_index.ipynb #7e1c9c30
 def plan_build(model, spec:IndexSpec, n_images:int)->tuple:
-    "`spec` with its scene size, levels, device and ivf lists resolved for `model` and `n_images` images, and the scenes' grids"
+    "`spec` with its scene size, levels, device and ivf lists resolved for `n_images` images, and the scenes' grids; puts `model` in eval mode on that device"
     if n_images == 0: raise ValueError("the gallery is empty: no images to index")
     S = int(spec.image_size or getattr(model, 'config', {}).get('image_size', 256))
     check_image_size(S)
